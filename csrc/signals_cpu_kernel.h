@@ -1,0 +1,193 @@
+// The fused signal pass over one row segment, written once and compiled once
+// per instruction set: each signals_cpu_<isa>.cc defines HALTWISE_ISA_NS and
+// includes this file with its own -m flags. Nothing here may have external
+// linkage outside that namespace (no std:: templates either): the linker
+// would otherwise be free to hand the generic path an AVX-512 body.
+//
+// Per chunk of kChunk columns, three sweeps over data that stays in L1:
+//   1. max, NaN/+inf detection, and "does any logit beat the top-k threshold"
+//      (the rare hits go through a scalar insertion into the sorted list);
+//   2. online sum of exp(x - max) and of exp(x - max) * (x - max) (entropy);
+//   3. when sampling, the Gumbel race argmax_j x_j / T + g_j, Philox bits
+//      generated 64 columns at a time (philox.h documents the mapping).
+#ifndef HALTWISE_ISA_NS
+#error "define HALTWISE_ISA_NS before including signals_cpu_kernel.h"
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "float16.h"
+#include "philox.h"
+#include "signals_cpu_partial.h"
+#include "simd.h"
+
+namespace haltwise {
+namespace HALTWISE_ISA_NS {
+namespace {
+
+using namespace simd;
+
+constexpr int kChunk = 256;  // 1 KiB of float32: three sweeps stay in L1
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+// Element type, -inf bit pattern, vector and scalar loads for each dtype.
+template <DType D>
+struct Elem;
+template <>
+struct Elem<DType::kFloat32> {
+  using T = float;
+  HW_INLINE T neg_inf() { return -kPosInf; }
+  HW_INLINE vf load(const T* p) { return load_f32(p); }
+  HW_INLINE float scalar(T x) { return x; }
+};
+template <>
+struct Elem<DType::kBFloat16> {
+  using T = uint16_t;
+  HW_INLINE T neg_inf() { return 0xff80u; }
+  HW_INLINE vf load(const T* p) { return load_bf16(p); }
+  HW_INLINE float scalar(T x) { return bfloat16_to_float(x); }
+};
+template <>
+struct Elem<DType::kFloat16> {
+  using T = uint16_t;
+  HW_INLINE T neg_inf() { return 0xfc00u; }
+  HW_INLINE vf load(const T* p) { return load_f16(p); }
+  HW_INLINE float scalar(T x) { return half_to_float(x); }
+};
+
+// The slow path for a segment holding NaN or +inf: its outputs will be
+// placeholders, only the status bits matter.
+template <DType D>
+void classify_bad_segment(const typename Elem<D>::T* x, int64_t begin, int64_t end, RowPartial* p) {
+  for (int64_t j = begin; j < end; ++j) {
+    const float v = Elem<D>::scalar(x[j]);
+    if (std::isnan(v)) p->bad |= kStatusNaN;
+    else if (v == kPosInf) p->bad |= kStatusPosInf;
+    else if (v != -kPosInf) p->any_finite = true;
+  }
+}
+
+template <DType D>
+void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int k, RowPartial* out) {
+  using E = Elem<D>;
+  using T = typename E::T;
+  const T* x = static_cast<const T*>(a.logits) + row * a.row_stride;
+  RowPartial& p = *out;
+  p = RowPartial{};
+  float thr = kNegInf;  // a logit must beat this to enter the top-k list
+
+  // Gumbel race state, lane-wise; reduced after the last chunk.
+  const bool sample = a.sample;
+  const vf inv_t = splat(a.inv_temperature);
+  vf best = splat(kNegInf);
+  vi best_col = splat_i(0);
+  vi lane = splat_i(0);
+  for (int i = 0; i < kLanes; ++i) lane[i] = i;
+  uint32_t key0 = 0, key1 = 0, off_lo = 0, off_hi = 0, salt = 0;
+  if (sample) {
+    const uint64_t seed = uint64_t(a.seed[row]), offset = uint64_t(a.offset[row]);
+    key0 = uint32_t(seed);
+    key1 = uint32_t(seed >> 32);
+    off_lo = uint32_t(offset);
+    off_hi = uint32_t(offset >> 32);
+    salt = a.salt_with_row ? uint32_t(row) : 0u;
+  }
+
+  alignas(64) T tail[kChunk];
+  for (int64_t c = begin; c < end; c += kChunk) {
+    const int n = end - c < kChunk ? int(end - c) : kChunk;
+    const T* src = x + c;
+    if (n < kChunk) {  // pad the last chunk with -inf so every sweep is full-width
+      for (int i = 0; i < kChunk; ++i) tail[i] = E::neg_inf();
+      std::memcpy(tail, src, sizeof(T) * n);
+      src = tail;
+    }
+
+    // Sweep 1: max, bad values, top-k threshold test.
+    vf vmax = splat(kNegInf);
+    vi bad = splat_i(0), above = splat_i(0);
+    const vf vthr = splat(thr), vinf = splat(kPosInf);
+    for (int i = 0; i < kChunk; i += kLanes) {
+      const vf v = E::load(src + i);
+      vmax = v > vmax ? v : vmax;
+      bad |= ~(v < vinf);  // NaN or +inf
+      above |= v > vthr;
+    }
+    if (any(bad)) {
+      classify_bad_segment<D>(x, begin, end, &p);
+      return;
+    }
+    if (any(above)) {
+      for (int i = 0; i < n; ++i) {
+        const float v = E::scalar(src[i]);
+        if (v > thr) {
+          top_insert(p.top, p.n_top, k, v);
+          thr = top_threshold(p.top, p.n_top, k);
+        }
+      }
+    }
+    const float cmax = hmax(vmax);
+    if (cmax > p.max) {
+      int first = 0;
+      while (E::scalar(src[first]) != cmax) ++first;
+      p.argmax = c + first;
+      rebase_sums(p.sum_exp, p.sum_exp_shift, p.max, cmax);
+      p.max = cmax;
+    }
+    if (p.max == kNegInf) continue;  // everything masked so far
+
+    // Sweep 2: sum of exp(x - max) and of exp(x - max) * (x - max).
+    vf s = splat(0.0f), t = splat(0.0f);
+    const vf vm = splat(p.max), floor = splat(-87.0f), zero = splat(0.0f);
+    for (int i = 0; i < kChunk; i += kLanes) {
+      const vf d = E::load(src + i) - vm;
+      const vf e = exp_nonpositive(d);
+      s += e;
+      t += e * (d < floor ? zero : d);  // masked -inf: 0, never 0 * -inf
+    }
+    p.sum_exp += hsum(s);
+    p.sum_exp_shift += hsum(t);
+
+    // Sweep 3: the Gumbel race.
+    if (sample) {
+      for (int i = 0; i < kChunk; i += 4 * kLanes) {
+        const int64_t col = c + i;  // a multiple of 64
+        vu counter = __builtin_convertvector(lane, vu) + uint32_t((col >> 6) * 16);
+        vu words[4];
+        philox16(counter, off_lo, off_hi, salt, key0, key1, words);
+        for (int w = 0; w < 4; ++w) {
+          const vf score = E::load(src + i + w * kLanes) * inv_t + gumbel(words[w]);
+          const vi better = score > best;
+          best = better ? score : best;
+          best_col = better ? lane + int32_t(col + w * kLanes) : best_col;
+        }
+      }
+    }
+  }
+  p.any_finite = p.max > kNegInf;
+  if (sample) {
+    for (int i = 0; i < kLanes; ++i) {
+      if (best[i] > p.best_score || (best[i] == p.best_score && best_col[i] < p.best_index)) {
+        p.best_score = best[i];
+        p.best_index = best_col[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void signals_segment(const SignalsArgs& args, int64_t row, int64_t begin, int64_t end, int k,
+                     RowPartial* out) {
+  switch (args.dtype) {
+    case DType::kFloat32: return segment<DType::kFloat32>(args, row, begin, end, k, out);
+    case DType::kFloat16: return segment<DType::kFloat16>(args, row, begin, end, k, out);
+    case DType::kBFloat16: return segment<DType::kBFloat16>(args, row, begin, end, k, out);
+  }
+}
+
+}  // namespace HALTWISE_ISA_NS
+}  // namespace haltwise

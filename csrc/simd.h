@@ -1,0 +1,166 @@
+// 16-lane float/int vectors (GCC/Clang vector extensions) and the few vector
+// math functions the signal kernel needs. The same source compiles to
+// AVX-512, AVX2 or SSE2 depending on the flags of the including file; every
+// function is always inlined so each ISA's translation unit gets its own copy.
+// The polynomials are Cephes' expf/logf (about 1 ulp on the ranges used here).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#define HW_INLINE static inline __attribute__((always_inline))
+
+namespace haltwise {
+namespace simd {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+HW_INLINE vf splat(float x) { return vf{} + x; }
+HW_INLINE vi splat_i(int32_t x) { return vi{} + x; }
+HW_INLINE vf as_f(vi x) { vf r; std::memcpy(&r, &x, sizeof r); return r; }
+HW_INLINE vf as_f(vu x) { vf r; std::memcpy(&r, &x, sizeof r); return r; }
+HW_INLINE vi as_i(vf x) { vi r; std::memcpy(&r, &x, sizeof r); return r; }
+HW_INLINE vf select(vi mask, vf a, vf b) { return mask ? a : b; }
+
+HW_INLINE vf load_f32(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
+
+HW_INLINE vf load_bf16(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return as_f(__builtin_convertvector(h, vu) << 16);
+}
+
+// IEEE half to float, exact (normals, subnormals, inf, NaN).
+HW_INLINE vf load_f16(const uint16_t* p) {
+  vh h16;
+  std::memcpy(&h16, p, sizeof h16);
+  const vu h = __builtin_convertvector(h16, vu);
+  const vu sign = (h & 0x8000u) << 16;
+  const vu em = h & 0x7fffu;
+  // Reinterpreting the shifted exponent+mantissa as a float and scaling by
+  // 2^112 re-biases the exponent (15 -> 127) and handles subnormals.
+  vf finite = as_f(em << 13) * 0x1p112f;
+  vu finite_bits;
+  std::memcpy(&finite_bits, &finite, sizeof finite_bits);
+  const vu special_bits = (em << 13) | 0x7f800000u;
+  const vi is_special = __builtin_convertvector(em >= 0x7c00u, vi);
+  return as_f(sign | (is_special ? special_bits : finite_bits));
+}
+
+HW_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+HW_INLINE double hsum(vf v) {
+  double s = 0.0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+HW_INLINE bool any(vi mask) {
+  int32_t r = 0;
+  for (int i = 0; i < kLanes; ++i) r |= mask[i];
+  return r != 0;
+}
+
+// exp(x) for x <= 0; exactly 0 below -87 (where expf would go subnormal).
+HW_INLINE vf exp_nonpositive(vf x) {
+  const vi underflow = x < -87.0f;
+  x = underflow ? splat(-87.0f) : x;
+  const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  // round(x / ln 2)
+  const vf nf = __builtin_convertvector(n, vf);
+  x = x - nf * 0.693359375f;
+  x = x - nf * -2.12194440e-4f;
+  const vf z = x * x;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const vf scale = as_f((n + 127) << 23);
+  return underflow ? splat(0.0f) : y * scale;
+}
+
+// log(x) for positive normal x.
+HW_INLINE vf log_positive(vf x) {
+  const vi bits = as_i(x);
+  vi e = ((bits >> 23) & 0xff) - 126;
+  vf m = as_f((bits & 0x007fffff) | 0x3f000000);  // x = m * 2^e, m in [0.5, 1)
+  const vi small = m < 0.707106781186547524f;
+  e = e + small;  // mask lanes are -1
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const vf z = m * m;
+  vf y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const vf ef = __builtin_convertvector(e, vf);
+  y = y + ef * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + ef * 0.693359375f;
+}
+
+}  // namespace simd
+}  // namespace haltwise
+
+namespace haltwise {
+namespace simd {
+
+typedef uint64_t vu64 __attribute__((vector_size(64)));
+
+// High and low 32 bits of a * b for 16 lanes: even and odd lanes go through
+// 64-bit products so the compiler can use its widening 32x32->64 multiply.
+HW_INLINE void mulhilo(uint32_t a, vu b, vu& hi, vu& lo) {
+  vu64 wide;
+  std::memcpy(&wide, &b, sizeof wide);
+  const vu64 even = (wide & 0xffffffffull) * uint64_t(a);
+  const vu64 odd = (wide >> 32) * uint64_t(a);
+  const vu64 hi64 = (even >> 32) | (odd & 0xffffffff00000000ull);
+  std::memcpy(&hi, &hi64, sizeof hi);
+  lo = b * a;
+}
+
+// Philox 4x32-10 on 16 counters (c0 per lane; c1, c2, c3 shared), key (k0, k1).
+// Must stay bit-identical to haltwise::philox4x32_10 in philox.h.
+HW_INLINE void philox16(vu c0, uint32_t c1s, uint32_t c2s, uint32_t c3s, uint32_t k0, uint32_t k1,
+                        vu out[4]) {
+  vu c1 = vu{} + c1s, c2 = vu{} + c2s, c3 = vu{} + c3s;
+  for (int round = 0; round < 10; ++round) {
+    vu hi0, lo0, hi2, lo2;
+    mulhilo(0xD2511F53u, c0, hi0, lo0);
+    mulhilo(0xCD9E8D57u, c2, hi2, lo2);
+    c0 = hi2 ^ c1 ^ k0;
+    c2 = hi0 ^ c3 ^ k1;
+    c1 = lo2;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// Standard Gumbel noise from 32 random bits: u = ((bits >> 8) + 0.5) / 2^24, g = -log(-log u).
+HW_INLINE vf gumbel(vu bits) {
+  // bits >> 8 < 2^24: the signed conversion is exact and vectorises everywhere.
+  const vi top24 = __builtin_convertvector(bits >> 8, vi);
+  const vf u = (__builtin_convertvector(top24, vf) + 0.5f) * (1.0f / 16777216.0f);
+  return -log_positive(-log_positive(u));
+}
+
+}  // namespace simd
+}  // namespace haltwise

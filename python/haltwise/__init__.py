@@ -1,0 +1,26 @@
+"""haltwise: stop LLM decoding early without losing accuracy.
+
+Public names live here and nowhere else.
+"""
+from .signals import BACKENDS, signals
+from .signals_types import (
+    MAX_TOP_K_CONF,
+    STATUS_NAN,
+    STATUS_NO_FINITE,
+    STATUS_OK,
+    STATUS_POSINF,
+    Signals,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "MAX_TOP_K_CONF",
+    "STATUS_NAN",
+    "STATUS_NO_FINITE",
+    "STATUS_OK",
+    "STATUS_POSINF",
+    "Signals",
+    "signals",
+]

@@ -1,0 +1,1 @@
+"""Bundled tasks for benchmarks and examples (see arith.py)."""

@@ -1,0 +1,61 @@
+"""Float64 reference of the stop signals, written from the definitions in
+DESIGN.md with numpy (independent of every backend, including the torch one).
+
+The sampling noise is defined in float32 by the contract (csrc/philox.h), so
+the reference draws it the same way, with its own Philox, and scores in float64.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+M32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox 4x32-10 (Random123) on uint64 arrays holding uint32 values."""
+    c0, c1, c2, c3, k0, k1 = (np.asarray(v, dtype=np.uint64) for v in (c0, c1, c2, c3, k0, k1))
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0  # < 2^64: exact in uint64
+        p2 = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & M32
+        k0 = (k0 + np.uint64(0x9E3779B9)) & M32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & M32
+    return c0, c1, c2, c3
+
+
+def gumbel(seed: int, offset: int, salt: int, vocab: int) -> np.ndarray:
+    """float32 [vocab] noise of one row, per the contract in csrc/philox.h."""
+    col = np.arange(vocab, dtype=np.uint64)
+    counter = (col >> np.uint64(6)) * np.uint64(16) + (col & np.uint64(15))
+    seed_u, offset_u = np.uint64(seed % 2**64), np.uint64(offset % 2**64)
+    words = philox4x32_10(counter, offset_u & M32, offset_u >> np.uint64(32), np.uint64(salt),
+                          seed_u & M32, seed_u >> np.uint64(32))
+    bits = np.choose(((col >> np.uint64(4)) & np.uint64(3)).astype(np.int64), words)
+    u = ((bits >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 16777216.0)
+    return -np.log(-np.log(u))
+
+
+def reference_row(x: np.ndarray, *, temperature: float, top_k_conf: int, seed=0, offset=0, salt=0) -> dict:
+    """Signals of one valid row x (float64 [vocab], entries may be -inf).
+
+    Also returns 'scores' (float64 Gumbel scores, or x for greedy) so a test can
+    tell an exact tie from a wrong token."""
+    finite = x[np.isfinite(x)]
+    m = finite.max()
+    lse = m + np.log(np.exp(finite - m).sum())
+    p = np.exp(finite - lse)
+    desc = np.sort(finite)[::-1]
+    out = {
+        "entropy": lse - (p * finite).sum(),
+        "confidence": np.exp(desc[0] - lse),
+        "margin": np.exp(desc[0] - lse) - (np.exp(desc[1] - lse) if len(desc) > 1 else 0.0),
+        "topk_conf": -(desc[: min(top_k_conf, len(desc))] - lse).mean() if top_k_conf > 0 else 0.0,
+    }
+    if temperature == 0.0:
+        scores = x
+    else:
+        inv_t = float(np.float32(1.0 / temperature))
+        scores = x * inv_t + gumbel(seed, offset, salt, len(x)).astype(np.float64)
+    token = int(np.argmax(scores))  # lowest index on ties
+    out.update(token=token, logprob=x[token] - lse, scores=scores)
+    return out
