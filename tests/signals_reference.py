@@ -23,14 +23,19 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-def gumbel(seed: int, offset: int, salt: int, vocab: int) -> np.ndarray:
-    """float32 [vocab] noise of one row, per the contract in csrc/philox.h."""
+def random_bits(seed: int, offset: int, salt: int, vocab: int) -> np.ndarray:
+    """uint64 [vocab] holding the 32 random bits of each column of one row (csrc/philox.h)."""
     col = np.arange(vocab, dtype=np.uint64)
     counter = (col >> np.uint64(6)) * np.uint64(16) + (col & np.uint64(15))
     seed_u, offset_u = np.uint64(seed % 2**64), np.uint64(offset % 2**64)
     words = philox4x32_10(counter, offset_u & M32, offset_u >> np.uint64(32), np.uint64(salt),
                           seed_u & M32, seed_u >> np.uint64(32))
-    bits = np.choose(((col >> np.uint64(4)) & np.uint64(3)).astype(np.int64), words)
+    return np.choose(((col >> np.uint64(4)) & np.uint64(3)).astype(np.int64), words)
+
+
+def gumbel(seed: int, offset: int, salt: int, vocab: int) -> np.ndarray:
+    """float32 [vocab] noise of one row, per the contract in csrc/philox.h."""
+    bits = random_bits(seed, offset, salt, vocab)
     u = ((bits >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 16777216.0)
     return -np.log(-np.log(u))
 

@@ -18,12 +18,14 @@ def signals_native(
     seed: torch.Tensor,
     offset: torch.Tensor,
     salted: bool,
+    out: Signals | None = None,
 ) -> Signals:
     """logits: CPU [batch, vocab] float32/float16/bfloat16, unit column stride.
     seed, offset: CPU int64 [batch], contiguous. salted: mix the row index into
-    the counter (scalar seed/offset)."""
+    the counter (scalar seed/offset). out: optional preallocated contiguous
+    outputs (tests poison them to prove every row is written)."""
     batch, vocab = logits.shape
-    out = Signals(
+    out = out if out is not None else Signals(
         token=torch.empty(batch, dtype=torch.int64),
         logprob=torch.empty(batch, dtype=torch.float32),
         entropy=torch.empty(batch, dtype=torch.float32),

@@ -19,6 +19,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,13 @@ def greedy_em(model: GPT, problems: list[arith.Problem], max_new: int) -> float:
     return sum(hits) / len(hits)
 
 
+def save_checkpoint(model: GPT, args, meta: dict, step: int) -> None:
+    save_pretrained(model, args.out, meta)
+    if args.ckpt_dir:
+        Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
+        save_pretrained(model, Path(args.ckpt_dir) / f"step{step}.safetensors", meta)
+
+
 def lr_at(progress: float, peak: float, warmup_frac: float) -> float:
     if progress < warmup_frac:
         return peak * progress / warmup_frac
@@ -82,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-every", type=int, default=250, help="steps between greedy-EM checks (0: never)")
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    ap.add_argument("--ckpt-dir", default=None, help="also keep a copy of every checkpoint here (step<N>.safetensors)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -133,7 +142,7 @@ def main(argv=None) -> int:
         tokens_seen += int(mask.sum())
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.update(1 if args.steps else int(time.time() - t0) - bar.n)
-        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", step=step)
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", step=step, refresh=False)
         if args.val_every and step % args.val_every == 0:
             em = greedy_em(model, val, max_new)
             tqdm.write(f"step {step:6d}  {elapsed / 60:5.1f} min  loss {ema:.4f}  greedy val EM {em:.3f}")
@@ -146,12 +155,12 @@ def main(argv=None) -> int:
             "train_args": " ".join(sys.argv[1:] if argv is None else argv),
         }
         if time.time() - last_save > args.save_every * 60:
-            save_pretrained(model, args.out, meta)
+            save_checkpoint(model, args, meta, step)
             last_save = time.time()
     bar.close()
     em = greedy_em(model, val, max_new)
     meta["greedy_val_em"] = f"{em:.3f}"
-    save_pretrained(model, args.out, meta)
+    save_checkpoint(model, args, meta, step)
     print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min, loss {ema:.4f}, greedy val EM {em:.3f} -> {args.out}")
     return 0
 
