@@ -9,7 +9,8 @@
 //      (the rare hits go through a scalar insertion into the sorted list);
 //   2. online sum of exp(x - max) and of exp(x - max) * (x - max) (entropy);
 //   3. when sampling, the Gumbel race argmax_j x_j / T + g_j, Philox bits
-//      generated 64 columns at a time (philox.h documents the mapping).
+//      generated 64 columns at a time (philox.h documents the mapping), the
+//      logs skipped where a cheap bound shows no column can win.
 #ifndef HALTWISE_ISA_NS
 #error "define HALTWISE_ISA_NS before including signals_cpu_kernel.h"
 #endif
@@ -58,6 +59,23 @@ struct Elem<DType::kFloat16> {
   HW_INLINE float scalar(T x) { return half_to_float(x); }
 };
 
+// Upper bounds of a Gumbel score fl(x + g(bits)) for x <= xmax, used only to
+// skip work that cannot change the race (so they may be loose, never low).
+// g(u) = -log(-log u) <= -log(1 - u), and 1 - u = (m + 0.5) / 2^24 with
+// m = ~bits >> 8, so g <= (24 - floor(log2 m)) * ln 2 (m = 0: 25 * ln 2).
+// The margin covers the float32 logs of simd::gumbel (errors ~1e-7) and the
+// final float32 rounding.
+HW_INLINE float score_bound(float xmax, float gmax) {
+  const float bound = xmax + gmax;
+  return bound + 1e-5f + 1e-6f * (bound < 0 ? -bound : bound);
+}
+HW_INLINE float gumbel_bound(uint32_t bits) {
+  const uint32_t m = ~bits >> 8;
+  const int floor_log2 = m == 0 ? -1 : 31 - __builtin_clz(m);
+  return float(24 - floor_log2) * 0.693147181f;
+}
+constexpr float kGumbelMax = 17.3286795f;  // g at the largest uniform, 1 - 2^-25
+
 // The slow path for a segment holding NaN or +inf: its outputs will be
 // placeholders, only the status bits matter.
 template <DType D>
@@ -84,6 +102,7 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
   const vf inv_t = splat(a.inv_temperature);
   vf best = splat(kNegInf);
   vi best_col = splat_i(0);
+  float best_all = kNegInf;  // max over the lanes of best
   vi lane = splat_i(0);
   for (int i = 0; i < kLanes; ++i) lane[i] = i;
   uint32_t key0 = 0, key1 = 0, off_lo = 0, off_hi = 0, salt = 0;
@@ -120,12 +139,15 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
       classify_bad_segment<D>(x, begin, end, &p);
       return;
     }
-    if (any(above)) {
-      for (int i = 0; i < n; ++i) {
-        const float v = E::scalar(src[i]);
-        if (v > thr) {
-          top_insert(p.top, p.n_top, k, v);
-          thr = top_threshold(p.top, p.n_top, k);
+    if (any(above)) {  // rare once the list is full: visit only the vectors with a hit
+      for (int i = 0; i < kChunk; i += kLanes) {
+        if (!any(E::load(src + i) > splat(thr))) continue;
+        for (int j = i; j < i + kLanes; ++j) {
+          const float v = E::scalar(src[j]);  // padding is -inf: never inserted
+          if (v > thr) {
+            top_insert(p.top, p.n_top, k, v);
+            thr = top_threshold(p.top, p.n_top, k);
+          }
         }
       }
     }
@@ -151,19 +173,41 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
     p.sum_exp += hsum(s);
     p.sum_exp_shift += hsum(t);
 
-    // Sweep 3: the Gumbel race.
+    // Sweep 3: the Gumbel race, 64 columns at a time. Column 64b + 16w + j
+    // takes word w of counter 16b + j (philox.h): kLanes counters per call,
+    // each call's word w covering kLanes consecutive columns.
     if (sample) {
-      for (int i = 0; i < kChunk; i += 4 * kLanes) {
+      constexpr int kCalls = 16 / kLanes;
+      for (int i = 0; i < kChunk; i += 64) {
         const int64_t col = c + i;  // a multiple of 64
-        vu counter = __builtin_convertvector(lane, vu) + uint32_t((col >> 6) * 16);
-        vu words[4];
-        philox16(counter, off_lo, off_hi, salt, key0, key1, words);
-        for (int w = 0; w < 4; ++w) {
-          const vf score = E::load(src + i + w * kLanes) * inv_t + gumbel(words[w]);
-          const vi better = score > best;
-          best = better ? score : best;
-          best_col = better ? lane + int32_t(col + w * kLanes) : best_col;
+        vu words[kCalls][4];
+        vf scaled[kCalls][4];
+        vf xm = splat(kNegInf);
+        for (int h = 0; h < kCalls; ++h)
+          for (int w = 0; w < 4; ++w) {
+            scaled[h][w] = E::load(src + i + 16 * w + h * kLanes) * inv_t;
+            xm = max(xm, scaled[h][w]);
+          }
+        // Skip work when no column of the group can win: first without the
+        // bits (peaked distributions), then with their max (g increases with
+        // the bits), before the two logs per column.
+        const float xmax = hmax(xm);
+        if (score_bound(xmax, kGumbelMax) <= best_all) continue;
+        vu bm = vu{};
+        for (int h = 0; h < kCalls; ++h) {
+          const vu counter = __builtin_convertvector(lane, vu) + uint32_t((col >> 6) * 16 + h * kLanes);
+          philox(counter, off_lo, off_hi, salt, key0, key1, words[h]);
+          for (int w = 0; w < 4; ++w) bm = max(bm, words[h][w]);
         }
+        if (score_bound(xmax, gumbel_bound(hmax(bm))) <= best_all) continue;
+        for (int h = 0; h < kCalls; ++h)
+          for (int w = 0; w < 4; ++w) {
+            const vf score = scaled[h][w] + gumbel(words[h][w]);
+            const vi better = score > best;
+            best = better ? score : best;
+            best_col = better ? lane + int32_t(col + 16 * w + h * kLanes) : best_col;
+          }
+        best_all = hmax(best);
       }
     }
   }

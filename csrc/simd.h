@@ -1,23 +1,35 @@
-// 16-lane float/int vectors (GCC/Clang vector extensions) and the few vector
-// math functions the signal kernel needs. The same source compiles to
-// AVX-512, AVX2 or SSE2 depending on the flags of the including file; every
-// function is always inlined so each ISA's translation unit gets its own copy.
+// Float/int vectors of the including unit's native width (GCC/Clang vector
+// extensions: 16 lanes with AVX-512, 8 with AVX2, 4 otherwise) and the few
+// vector math functions the signal kernel needs. Wider-than-native vectors
+// would be split by the compiler, and their selects scalarised. Every function
+// is static and always inlined, so each ISA's translation unit has its own copy.
 // The polynomials are Cephes' expf/logf (about 1 ulp on the ranges used here).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #define HW_INLINE static inline __attribute__((always_inline))
 
 namespace haltwise {
 namespace simd {
 
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+typedef uint64_t vu64 __attribute__((vector_size(4 * kLanes)));
 
 HW_INLINE vf splat(float x) { return vf{} + x; }
 HW_INLINE vi splat_i(int32_t x) { return vi{} + x; }
@@ -56,6 +68,13 @@ HW_INLINE float hmax(vf v) {
   for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
+HW_INLINE uint32_t hmax(vu v) {
+  uint32_t m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+HW_INLINE vf max(vf a, vf b) { return a > b ? a : b; }
+HW_INLINE vu max(vu a, vu b) { return a > b ? a : b; }
 HW_INLINE double hsum(vf v) {
   double s = 0.0;
   for (int i = 0; i < kLanes; ++i) s += v[i];
@@ -118,23 +137,33 @@ HW_INLINE vf log_positive(vf x) {
 namespace haltwise {
 namespace simd {
 
-typedef uint64_t vu64 __attribute__((vector_size(64)));
-
-// High and low 32 bits of a * b for 16 lanes: even and odd lanes go through
-// 64-bit products so the compiler can use its widening 32x32->64 multiply.
+// High and low 32 bits of a * b in every lane: even and odd lanes go through
+// the 32x32->64 multiply (vpmuludq) and are blended back.
 HW_INLINE void mulhilo(uint32_t a, vu b, vu& hi, vu& lo) {
-  vu64 wide;
-  std::memcpy(&wide, &b, sizeof wide);
+#if defined(__AVX512F__)
+  const __m512i vb = (__m512i)b, va = _mm512_set1_epi64(a);
+  const __m512i even = _mm512_mul_epu32(vb, va);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(vb, 32), va);
+  hi = (vu)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = (vu)_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+#elif defined(__AVX2__)
+  const __m256i vb = (__m256i)b, va = _mm256_set1_epi64x(a);
+  const __m256i even = _mm256_mul_epu32(vb, va);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(vb, 32), va);
+  hi = (vu)_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = (vu)_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+#else
+  const vu64 wide = (vu64)b;
   const vu64 even = (wide & 0xffffffffull) * uint64_t(a);
   const vu64 odd = (wide >> 32) * uint64_t(a);
-  const vu64 hi64 = (even >> 32) | (odd & 0xffffffff00000000ull);
-  std::memcpy(&hi, &hi64, sizeof hi);
+  hi = (vu)((even >> 32) | (odd & 0xffffffff00000000ull));
   lo = b * a;
+#endif
 }
 
-// Philox 4x32-10 on 16 counters (c0 per lane; c1, c2, c3 shared), key (k0, k1).
-// Must stay bit-identical to haltwise::philox4x32_10 in philox.h.
-HW_INLINE void philox16(vu c0, uint32_t c1s, uint32_t c2s, uint32_t c3s, uint32_t k0, uint32_t k1,
+// Philox 4x32-10 on kLanes counters (c0 per lane; c1, c2, c3 shared), key
+// (k0, k1). Must stay bit-identical to haltwise::philox4x32_10 in philox.h.
+HW_INLINE void philox(vu c0, uint32_t c1s, uint32_t c2s, uint32_t c3s, uint32_t k0, uint32_t k1,
                         vu out[4]) {
   vu c1 = vu{} + c1s, c2 = vu{} + c2s, c3 = vu{} + c3s;
   for (int round = 0; round < 10; ++round) {

@@ -1,0 +1,362 @@
+#include "scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+
+namespace haltwise {
+
+namespace {
+
+template <typename T>
+T load(const char* base, int64_t stride, int64_t row) {
+  T value;
+  std::memcpy(&value, base + row * stride, sizeof(T));
+  return value;
+}
+
+bool saves_tokens(StopReason reason) {
+  return reason == StopReason::kLowConfidence || reason == StopReason::kConfident ||
+         reason == StopReason::kGroupConsensus;
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const SchedulerOptions& options) : options_(options), queue_(options.aging_steps) {
+  if (options.capacity < 1 || options.capacity > std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("Scheduler: capacity must be in [1, 2^31), got " + std::to_string(options.capacity));
+  if (options.max_queue < 1)
+    throw std::invalid_argument("Scheduler: max_queue must be >= 1, got " + std::to_string(options.max_queue));
+  if (options.aging_steps < 0)
+    throw std::invalid_argument("Scheduler: aging_steps must be >= 0 (0: no aging), got " +
+                                std::to_string(options.aging_steps));
+  if (options.wave_size < 0)
+    throw std::invalid_argument("Scheduler: wave_size must be >= 0 (0: no waves), got " +
+                                std::to_string(options.wave_size));
+  if (options.consensus_fraction &&
+      !(*options.consensus_fraction > 0.0 && *options.consensus_fraction <= 1.0))
+    throw std::invalid_argument("Scheduler: consensus_fraction must be in (0, 1] or None, got " +
+                                std::to_string(*options.consensus_fraction));
+  if (options.consensus_min_votes < 1)
+    throw std::invalid_argument("Scheduler: consensus_min_votes must be >= 1, got " +
+                                std::to_string(options.consensus_min_votes));
+  slots_.resize(static_cast<size_t>(options.capacity));
+  used_.assign(static_cast<size_t>(options.capacity), 0);
+  for (int32_t slot = 0; slot < static_cast<int32_t>(options.capacity); ++slot) free_slots_.push(slot);
+  rows_.reserve(static_cast<size_t>(options.capacity));
+  blocked_ = [this](int32_t g) { return group_blocked(g); };
+}
+
+// ---- groups -----------------------------------------------------------------
+
+int32_t Scheduler::group_index(int64_t group, bool create) {
+  auto found = group_indices_.find(group);
+  if (found != group_indices_.end()) return found->second;
+  if (!create) return -1;
+  const int32_t index = static_cast<int32_t>(groups_.size());
+  groups_.emplace_back();
+  groups_.back().id = group;
+  group_indices_.emplace(group, index);
+  return index;
+}
+
+bool Scheduler::group_blocked(int32_t g) const {
+  return options_.wave_size > 0 && groups_[static_cast<size_t>(g)].wave_count >= options_.wave_size;
+}
+
+void Scheduler::mark_dirty(int32_t g) {
+  Group& group = groups_[static_cast<size_t>(g)];
+  if (group.dirty || group.settled) return;
+  group.dirty = true;
+  dirty_groups_.push_back(g);
+}
+
+// The settle rule is evaluated at the start of a step, for the groups whose
+// votes or members changed since the previous one: by then the caller has
+// reported the answers of the previous plan's finished traces, so a trace
+// that finished but has not reported yet cannot be outvoted by an early settle.
+void Scheduler::settle_dirty_groups(std::vector<FinishedRecord>* out) {
+  if (dirty_groups_.empty()) return;
+  std::sort(dirty_groups_.begin(), dirty_groups_.end(),
+            [this](int32_t a, int32_t b) { return groups_[a].id < groups_[b].id; });
+  for (int32_t g : dirty_groups_) {
+    Group& group = groups_[static_cast<size_t>(g)];
+    group.dirty = false;
+    if (group.settled) continue;
+    if (group.vote.settled(group.active + group.queued, options_.consensus_fraction, options_.consensus_min_votes)) {
+      group.settled = true;  // active members end at their next row
+      end_queued_members(g, out);
+    }
+  }
+  dirty_groups_.clear();
+}
+
+int64_t Scheduler::end_queued_members(int32_t g, std::vector<FinishedRecord>* out) {
+  const std::vector<uint64_t> members = queue_.group_members(g, std::numeric_limits<size_t>::max());
+  for (uint64_t seq : members) end_queued(queue_.take(seq), StopReason::kGroupConsensus, out);
+  return static_cast<int64_t>(members.size());
+}
+
+int64_t Scheduler::settle_group(int64_t group) {
+  const int32_t g = group_index(group, false);
+  if (g < 0) return 0;
+  if (groups_[static_cast<size_t>(g)].settled) return 0;
+  groups_[static_cast<size_t>(g)].settled = true;
+  const int64_t active = groups_[static_cast<size_t>(g)].active - groups_[static_cast<size_t>(g)].active_cancelled;
+  return active + end_queued_members(g, &pending_finished_);
+}
+
+void Scheduler::report_answer(int64_t request_id, int64_t answer_key, double weight) {
+  if (!(weight >= 0.0 && weight <= 1.0))
+    throw std::invalid_argument("report_answer: weight must be in [0, 1], got " + std::to_string(weight));
+  auto found = awaiting_answer_.find(request_id);
+  if (found == awaiting_answer_.end())
+    throw std::invalid_argument("report_answer: request " + std::to_string(request_id) +
+                                " is not a finished member of a group awaiting its answer (unknown, still queued or "
+                                "active, in no group, or already reported)");
+  const int32_t g = found->second;
+  awaiting_answer_.erase(found);
+  groups_[static_cast<size_t>(g)].vote.add(answer_key, weight);
+  mark_dirty(g);
+}
+
+std::vector<std::pair<int64_t, double>> Scheduler::vote(int64_t group) const {
+  auto found = group_indices_.find(group);
+  if (found == group_indices_.end()) return {};
+  return groups_[static_cast<size_t>(found->second)].vote.tally();
+}
+
+std::optional<int64_t> Scheduler::leader(int64_t group) const {
+  auto found = group_indices_.find(group);
+  if (found == group_indices_.end()) return std::nullopt;
+  return groups_[static_cast<size_t>(found->second)].vote.leader();
+}
+
+// ---- requests -----------------------------------------------------------------
+
+void Scheduler::submit(int64_t request_id, int64_t max_new_tokens, int64_t priority, std::optional<int64_t> group,
+                       std::shared_ptr<const StopRules> rules) {
+  if (max_new_tokens < 1)
+    throw std::invalid_argument("submit: max_new_tokens must be >= 1, got " + std::to_string(max_new_tokens));
+  if (!rules) throw std::invalid_argument("submit: stop rules must not be null");
+  if (requests_.find(request_id) != requests_.end())
+    throw std::invalid_argument("submit: request_id " + std::to_string(request_id) + " is already queued or active");
+  int32_t g = group ? group_index(*group, false) : -1;
+  const bool settled = g >= 0 && groups_[static_cast<size_t>(g)].settled;
+  if (g >= 0 && !settled && groups_[static_cast<size_t>(g)].queued > 0 &&
+      groups_[static_cast<size_t>(g)].priority != priority)
+    throw std::invalid_argument("submit: priority of a group's queued members must match: group " +
+                                std::to_string(*group) + " has members queued with priority " +
+                                std::to_string(groups_[static_cast<size_t>(g)].priority) + ", got " +
+                                std::to_string(priority));
+  if (!settled && static_cast<int64_t>(queue_.size()) >= options_.max_queue)
+    throw QueueFullError("submit: the queue is full (max_queue=" + std::to_string(options_.max_queue) +
+                         "); request " + std::to_string(request_id) + " was not queued");
+
+  if (group && g < 0) g = group_index(*group, true);
+  awaiting_answer_.erase(request_id);  // report_answer refers to the latest submission of an id
+  ++stats_.submitted;
+  const uint64_t seq = next_seq_++;
+  if (settled) {
+    record_end(request_id, g, StopReason::kGroupConsensus, max_new_tokens, StopTracker::empty_summary(*rules),
+               &pending_finished_);
+    return;
+  }
+  if (g >= 0) {
+    groups_[static_cast<size_t>(g)].priority = priority;
+    ++groups_[static_cast<size_t>(g)].queued;
+  }
+  requests_.emplace(request_id, Location{-1, seq});
+  QueuedRequest request;
+  request.request_id = request_id;
+  request.seq = seq;
+  request.priority = priority;
+  request.group = g;
+  request.max_new_tokens = max_new_tokens;
+  request.rules = std::move(rules);
+  request.submitted_at = step_count_;
+  queue_.push(std::move(request));
+}
+
+bool Scheduler::cancel(int64_t request_id) {
+  auto found = requests_.find(request_id);
+  if (found == requests_.end()) return false;
+  const Location location = found->second;
+  if (location.slot < 0) {
+    end_queued(queue_.take(location.seq), StopReason::kCancelled, &pending_finished_);
+    return true;
+  }
+  Sequence& s = slots_[static_cast<size_t>(location.slot)];
+  if (s.cancel_pending || (s.group >= 0 && groups_[static_cast<size_t>(s.group)].settled))
+    return false;  // already ending at its next row
+  s.cancel_pending = true;
+  if (s.group >= 0) ++groups_[static_cast<size_t>(s.group)].active_cancelled;
+  return true;
+}
+
+void Scheduler::record_end(int64_t request_id, int32_t g, StopReason reason, int64_t max_new_tokens,
+                           StopSummary summary, std::vector<FinishedRecord>* out) {
+  ++stats_.finished[static_cast<int>(reason)];
+  if (saves_tokens(reason)) stats_.tokens_saved_estimate += max_new_tokens - summary.num_tokens;
+  FinishedRecord record;
+  record.request_id = request_id;
+  record.reason = reason;
+  if (g >= 0) {
+    record.group = groups_[static_cast<size_t>(g)].id;
+    awaiting_answer_[request_id] = g;
+  }
+  record.summary = std::move(summary);
+  out->push_back(std::move(record));
+}
+
+void Scheduler::end_queued(QueuedRequest request, StopReason reason, std::vector<FinishedRecord>* out) {
+  requests_.erase(request.request_id);
+  if (request.group >= 0) {
+    --groups_[static_cast<size_t>(request.group)].queued;
+    mark_dirty(request.group);
+  }
+  record_end(request.request_id, request.group, reason, request.max_new_tokens,
+             StopTracker::empty_summary(*request.rules), out);
+}
+
+void Scheduler::end_active(int32_t slot, StopReason reason, std::vector<FinishedRecord>* out) {
+  Sequence& s = slots_[static_cast<size_t>(slot)];
+  requests_.erase(s.request_id);
+  if (s.group >= 0) {
+    Group& group = groups_[static_cast<size_t>(s.group)];
+    --group.active;
+    if (s.cancel_pending) --group.active_cancelled;
+    if (group.active == 0) {  // the wave is over: the next one may start
+      group.wave_count = 0;
+      queue_.unpark(s.group);
+    }
+    mark_dirty(s.group);
+  }
+  record_end(s.request_id, s.group, reason, s.max_new_tokens, s.tracker.finish(), out);
+  s.rules.reset();
+  s.cancel_pending = false;
+  used_[static_cast<size_t>(slot)] = 0;
+  free_slots_.push(slot);
+}
+
+// ---- the step -------------------------------------------------------------------
+
+void Scheduler::admit_one(QueuedRequest request, std::vector<int32_t>* next_rows, StepPlanData* plan) {
+  const int32_t slot = free_slots_.top();
+  free_slots_.pop();
+  used_[static_cast<size_t>(slot)] = 1;
+  Sequence& s = slots_[static_cast<size_t>(slot)];
+  s.request_id = request.request_id;
+  s.group = request.group;
+  s.max_new_tokens = request.max_new_tokens;
+  s.cancel_pending = false;
+  s.rules = std::move(request.rules);
+  s.tracker.start(s.rules.get(), request.max_new_tokens);
+  requests_[request.request_id] = Location{slot, request.seq};
+  if (request.group >= 0) {
+    Group& group = groups_[static_cast<size_t>(request.group)];
+    --group.queued;
+    ++group.active;
+    ++group.wave_count;
+  }
+  next_rows->push_back(slot);
+  const int64_t where = options_.layout == Layout::kCompact ? static_cast<int64_t>(next_rows->size()) - 1 : slot;
+  plan->admitted.emplace_back(request.request_id, where);
+}
+
+void Scheduler::admit(std::vector<int32_t>* next_rows, StepPlanData* plan) {
+  int64_t free_rows = static_cast<int64_t>(free_slots_.size());
+  uint64_t seq = 0;
+  while (free_rows > 0 && queue_.best(step_count_, blocked_, &seq)) {
+    const int32_t g = queue_.get(seq).group;
+    if (g < 0 || !options_.group_atomic) {
+      admit_one(queue_.take(seq), next_rows, plan);
+      --free_rows;
+      continue;
+    }
+    // All or nothing: the group's wave (all its queued members without
+    // waves), at most a full batch. If it does not fit, admission waits for
+    // rows to free rather than let later requests starve the group.
+    const Group& group = groups_[static_cast<size_t>(g)];
+    int64_t unit = group.queued;
+    if (options_.wave_size > 0) unit = std::min(unit, options_.wave_size - group.wave_count);
+    unit = std::min(unit, options_.capacity);
+    if (unit > free_rows) break;
+    for (uint64_t member : queue_.group_members(g, static_cast<size_t>(unit)))
+      admit_one(queue_.take(member), next_rows, plan);
+    free_rows -= unit;
+  }
+}
+
+void Scheduler::step(const StepInput& in, StepPlanData* plan) {
+  if (in.batch != batch_size())
+    throw std::invalid_argument("step: the batch has " + std::to_string(batch_size()) + " rows, got " +
+                                std::to_string(in.batch));
+  ++step_count_;
+  plan->finished = std::move(pending_finished_);
+  pending_finished_.clear();
+  plan->keep.clear();
+  plan->admitted.clear();
+  settle_dirty_groups(&plan->finished);
+
+  const bool compact = options_.layout == Layout::kCompact;
+  std::vector<int32_t> next_rows;
+  next_rows.reserve(static_cast<size_t>(options_.capacity));
+  plan->keep.reserve(rows_.size());
+  for (int64_t r = 0; r < in.batch; ++r) {
+    const int32_t slot = rows_[static_cast<size_t>(r)];
+    Sequence& s = slots_[static_cast<size_t>(slot)];
+    StopReason reason;
+    if (s.cancel_pending) {
+      reason = StopReason::kCancelled;  // this step's token is not appended
+    } else if (s.group >= 0 && groups_[static_cast<size_t>(s.group)].settled) {
+      reason = StopReason::kGroupConsensus;
+    } else {
+      TokenSignals signals;
+      signals.logprob = load<float>(in.signals[0], in.signal_strides[0], r);
+      signals.entropy = load<float>(in.signals[1], in.signal_strides[1], r);
+      signals.confidence = load<float>(in.signals[2], in.signal_strides[2], r);
+      signals.margin = load<float>(in.signals[3], in.signal_strides[3], r);
+      signals.topk_conf = load<float>(in.signals[4], in.signal_strides[4], r);
+      signals.status = load<int8_t>(in.status, in.status_stride, r);
+      reason = s.tracker.on_token(load<int64_t>(in.tokens, in.tokens_stride, r), signals);
+      ++stats_.tokens_generated;
+    }
+    if (reason == StopReason::kNone) {
+      plan->keep.push_back(compact ? r : slot);
+      next_rows.push_back(slot);
+    } else {
+      end_active(slot, reason, &plan->finished);
+    }
+  }
+
+  const size_t kept = next_rows.size();
+  admit(&next_rows, plan);
+  // slots: kept slots are increasing, and so are admitted ones (lowest free first)
+  if (!compact) std::inplace_merge(next_rows.begin(), next_rows.begin() + static_cast<std::ptrdiff_t>(kept), next_rows.end());
+  rows_.swap(next_rows);
+
+  plan->request_ids.resize(rows_.size());
+  plan->positions.resize(rows_.size());
+  for (size_t r = 0; r < rows_.size(); ++r) {
+    const Sequence& s = slots_[static_cast<size_t>(rows_[r])];
+    plan->request_ids[r] = s.request_id;
+    plan->positions[r] = s.tracker.num_tokens();
+  }
+  if (compact) {
+    plan->active.clear();
+  } else {
+    plan->active = used_;
+  }
+}
+
+SchedulerStats Scheduler::stats() const {
+  SchedulerStats out = stats_;
+  out.active = batch_size();
+  out.queued = static_cast<int64_t>(queue_.size());
+  return out;
+}
+
+}  // namespace haltwise

@@ -1,0 +1,175 @@
+// The native batch scheduler: keeps a running view of every sequence in the
+// decode batch, ends the ones whose stop rules fire (stop_rules.h), admits
+// queued requests into the freed rows (admission_queue.h) and tallies the
+// answer votes of groups of traces (group_vote.h). One step() per decode step;
+// everything it does per row is O(1).
+// Plain C++17: no pybind11, no torch. Not thread-safe: callers serialise.
+// The Python API and the semantics in full: python/haltwise/scheduler.py.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <stdexcept>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "admission_queue.h"
+#include "group_vote.h"
+#include "stop_rules.h"
+
+namespace haltwise {
+
+// compact: the next batch is the kept rows in their old order, then the
+// admitted ones. slots: every sequence holds a stable slot in [0, capacity);
+// a batch's rows are the active slots in increasing order.
+enum class Layout : int8_t { kCompact = 0, kSlots = 1 };
+
+struct SchedulerOptions {
+  int64_t capacity = 1;  // max rows in a batch
+  Layout layout = Layout::kCompact;
+  int64_t max_queue = 1000000;
+  int64_t aging_steps = 256;  // 0: no aging
+  int64_t wave_size = 0;      // 0: a group's members are admitted freely
+  bool group_atomic = false;
+  std::optional<double> consensus_fraction;
+  int64_t consensus_min_votes = 3;
+};
+
+// submit() on a full queue. Nothing changed.
+class QueueFullError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct FinishedRecord {
+  int64_t request_id = 0;
+  StopReason reason = StopReason::kNone;
+  std::optional<int64_t> group;
+  StopSummary summary;
+};
+
+// One decode step's outputs, one entry per row of the current batch. Pointers
+// with byte strides (numpy's), read only during step().
+struct StepInput {
+  int64_t batch = 0;
+  const char* tokens = nullptr;  // int64
+  int64_t tokens_stride = 8;
+  // float32: logprob, entropy, confidence, margin, topk_conf
+  const char* signals[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  int64_t signal_strides[5] = {4, 4, 4, 4, 4};
+  const char* status = nullptr;  // int8
+  int64_t status_stride = 1;
+};
+
+struct StepPlanData {
+  std::vector<FinishedRecord> finished;  // ended since the previous plan
+  std::vector<int64_t> keep;             // rows (compact) / slots (slots) of the previous batch that continue
+  std::vector<std::pair<int64_t, int64_t>> admitted;  // (request_id, row or slot)
+  std::vector<int64_t> request_ids;      // [next batch], row order
+  std::vector<int64_t> positions;        // [next batch]: tokens generated so far
+  std::vector<uint8_t> active;           // slots layout: [capacity]; compact: empty
+};
+
+struct SchedulerStats {
+  int64_t submitted = 0;
+  int64_t active = 0;
+  int64_t queued = 0;
+  int64_t finished[kNumStopReasons] = {};
+  int64_t tokens_generated = 0;
+  // Sum over sequences ended by LOW_CONFIDENCE, CONFIDENT or GROUP_CONSENSUS
+  // of max_new_tokens - num_tokens: the budget they did not spend (an upper
+  // bound on the tokens saved, since they might have hit EOS sooner).
+  int64_t tokens_saved_estimate = 0;
+};
+
+class Scheduler {
+ public:
+  // Throws std::invalid_argument naming the bad option.
+  explicit Scheduler(const SchedulerOptions& options);
+
+  // Queues a request. Throws std::invalid_argument (duplicate queued or active
+  // id, max_new_tokens < 1, a group whose queued members have another
+  // priority) or QueueFullError; either way nothing changes. A request for a
+  // settled group ends at once with GROUP_CONSENSUS.
+  void submit(int64_t request_id, int64_t max_new_tokens, int64_t priority, std::optional<int64_t> group,
+              std::shared_ptr<const StopRules> rules);
+
+  // One decode step: `in` has one entry per row of the current batch
+  // (batch_size()); throws std::invalid_argument if in.batch differs.
+  void step(const StepInput& in, StepPlanData* plan);
+
+  bool cancel(int64_t request_id);
+  void report_answer(int64_t request_id, int64_t answer_key, double weight);
+  int64_t settle_group(int64_t group);
+  std::vector<std::pair<int64_t, double>> vote(int64_t group) const;
+  std::optional<int64_t> leader(int64_t group) const;
+  SchedulerStats stats() const;
+
+  int64_t capacity() const { return options_.capacity; }
+  Layout layout() const { return options_.layout; }
+  int64_t batch_size() const { return static_cast<int64_t>(rows_.size()); }
+
+ private:
+  struct Sequence {
+    int64_t request_id = 0;
+    int32_t group = -1;
+    int64_t max_new_tokens = 0;
+    bool cancel_pending = false;
+    std::shared_ptr<const StopRules> rules;
+    StopTracker tracker;
+  };
+  struct Group {
+    int64_t id = 0;
+    int64_t priority = 0;  // shared by its queued members
+    int64_t queued = 0;
+    int64_t active = 0;
+    int64_t active_cancelled = 0;  // active members with a pending cancel
+    int64_t wave_count = 0;        // members admitted in the current wave
+    bool settled = false;
+    bool dirty = false;  // votes or members changed: re-check the settle rule at the next step
+    GroupVote vote;
+  };
+  // Where a queued or active request is: slot -1 while queued.
+  struct Location {
+    int32_t slot;
+    uint64_t seq;
+  };
+
+  int32_t group_index(int64_t group, bool create);
+  bool group_blocked(int32_t g) const;
+  void mark_dirty(int32_t g);
+  void settle_dirty_groups(std::vector<FinishedRecord>* out);
+  int64_t end_queued_members(int32_t g, std::vector<FinishedRecord>* out);
+  void end_queued(QueuedRequest request, StopReason reason, std::vector<FinishedRecord>* out);
+  void end_active(int32_t slot, StopReason reason, std::vector<FinishedRecord>* out);
+  void record_end(int64_t request_id, int32_t g, StopReason reason, int64_t max_new_tokens, StopSummary summary,
+                  std::vector<FinishedRecord>* out);
+  void admit(std::vector<int32_t>* next_rows, StepPlanData* plan);
+  void admit_one(QueuedRequest request, std::vector<int32_t>* next_rows, StepPlanData* plan);
+
+  SchedulerOptions options_;
+  int64_t step_count_ = 0;
+  uint64_t next_seq_ = 0;
+
+  std::vector<Sequence> slots_;  // [capacity]
+  std::vector<uint8_t> used_;    // [capacity]
+  std::priority_queue<int32_t, std::vector<int32_t>, std::greater<int32_t>> free_slots_;  // lowest first
+  std::vector<int32_t> rows_;    // slot of each row of the next batch
+
+  AdmissionQueue queue_;
+  std::function<bool(int32_t)> blocked_;
+  std::unordered_map<int64_t, Location> requests_;        // queued and active requests by id
+  std::unordered_map<int64_t, int32_t> group_indices_;    // group id -> index in groups_
+  std::vector<Group> groups_;
+  std::vector<int32_t> dirty_groups_;
+  std::unordered_map<int64_t, int32_t> awaiting_answer_;  // finished grouped requests -> group index
+  std::vector<FinishedRecord> pending_finished_;          // ended between steps, for the next plan
+
+  SchedulerStats stats_;
+};
+
+}  // namespace haltwise
