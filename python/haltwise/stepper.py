@@ -1,0 +1,158 @@
+"""``haltwise.Stepper``: the drop-in step function of a decode loop.
+
+It computes the fused signals on the logits' device, brings the small
+per-row arrays to the host once, lets the native scheduler append tokens,
+apply the stop rules, evict and admit, and hands back the tokens of the rows
+that continue, on the logits' device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .scheduler import Scheduler, StepPlan
+from .signals import signals
+from .signals_types import Signals
+
+_FIELDS = ("logprob", "entropy", "confidence", "margin", "topk_conf")
+
+
+def row_seeds(base_seed: int, request_ids: np.ndarray) -> np.ndarray:
+    """A 64-bit seed per request (splitmix64 of base_seed and the id), so a
+    request's sampling noise never depends on the batch it runs in."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(base_seed % 2**64) + request_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return z.view(np.int64)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one decode step hands back to the loop.
+
+    tokens:  int64 (len(keep),) on the logits' device: the next input token of
+             every row that continues, in the order of ``keep``.
+    keep:    int64 (len(keep),) on the logits' device: rows of this step that
+             continue (gather the KV cache / positions with it).
+    plan:    the scheduler's StepPlan (finished records, admissions, layout data).
+    signals: the Signals of this step, (batch_size,) tensors on the logits' device.
+    """
+
+    tokens: torch.Tensor
+    keep: torch.Tensor
+    plan: StepPlan
+    signals: Signals | None
+
+    @property
+    def admitted(self) -> list[tuple[int, int]]:
+        """(request_id, row) of the requests to prefill before the next step."""
+        return self.plan.admitted
+
+
+class Stepper:
+    """Replaces the token-choice-and-stop part of a decode loop.
+
+    The loop it replaces (one sequence batch, no eviction)::
+
+        logits = model(input_ids, cache)[:, -1]         # (batch, vocab)
+        next_ids = logits.argmax(-1)                     # or multinomial
+        done |= next_ids == eos_id
+        input_ids = next_ids[:, None]
+        if done.all(): break
+
+    becomes (requests were submitted to ``scheduler``)::
+
+        out = stepper.start()                            # first admissions
+        while stepper.batch_size or scheduler.stats()["queued"]:
+            cache.select_(out.keep); prefill(out.admitted)       # compact + admit
+            logits = model(torch.cat([out.tokens, admitted_ids])...)
+            out = stepper.step(logits)                   # (batch, vocab) -> StepOutput
+
+    Parameters: temperature (0 greedy, > 0 Gumbel-max sampling), top_k_conf
+    (k of the DeepConf confidence), seed (mixed with each request id; the noise
+    of a token is keyed by (request, position), so runs are reproducible and a
+    request samples the same tokens whatever else is in the batch), backend of
+    :func:`haltwise.signals`.
+    """
+
+    def __init__(self, scheduler: Scheduler, *, temperature: float = 0.0, top_k_conf: int = 20, seed: int = 0,
+                 backend: str = "auto"):
+        self.scheduler = scheduler
+        self.temperature = temperature
+        self.top_k_conf = top_k_conf
+        self.seed = seed
+        self.backend = backend
+        self._request_ids = np.zeros(0, dtype=np.int64)
+        self._positions = np.zeros(0, dtype=np.int64)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows the next call to :meth:`step` expects."""
+        return len(self._request_ids)
+
+    @property
+    def request_ids(self) -> np.ndarray:
+        """int64 (batch_size,): the request held by each row of the next step."""
+        return self._request_ids
+
+    def start(self, device: torch.device | str = "cpu") -> StepOutput:
+        """Runs the scheduler on an empty batch: the first admissions (and the
+        records of anything dropped from the queue)."""
+        plan = self.scheduler.step(np.zeros(0, dtype=np.int64), _empty_signals())
+        return self._output(plan, None, torch.zeros(0, dtype=torch.int64, device=device))
+
+    def step(self, logits: torch.Tensor) -> StepOutput:
+        """logits: (batch_size, vocab_size) float32/float16/bfloat16, rows in the
+        order of the previous plan (kept rows, then admitted)."""
+        if logits.dim() != 2 or logits.shape[0] != self.batch_size:
+            raise ValueError(
+                f"Stepper.step: logits must be [{self.batch_size}, vocab] (one row per active sequence), "
+                f"got shape {tuple(logits.shape)}"
+            )
+        device = logits.device
+        sig = signals(
+            logits,
+            temperature=self.temperature,
+            top_k_conf=self.top_k_conf,
+            seed=torch.from_numpy(row_seeds(self.seed, self._request_ids)).to(device),
+            offset=torch.from_numpy(self._positions).to(device),
+            backend=self.backend,
+        )
+        if device.type == "cpu":
+            tokens, host = sig.token.numpy(), sig
+        else:
+            # The one host sync of the step: the scheduler needs the per-row
+            # values. One float64 copy holds them all exactly (tokens < 2^53).
+            rows = [sig.token, sig.status] + [getattr(sig, f) for f in _FIELDS]
+            packed = torch.stack([r.double() for r in rows]).cpu().numpy()  # [7, batch]
+            tokens = packed[0].astype(np.int64)
+            host = _HostSignals(*packed[2:].astype(np.float32), status=packed[1].astype(np.int8))
+        plan = self.scheduler.step(tokens, host)
+        return self._output(plan, sig, sig.token)
+
+    def _output(self, plan: StepPlan, sig: Signals | None, tokens: torch.Tensor) -> StepOutput:
+        keep = torch.from_numpy(np.ascontiguousarray(plan.keep, dtype=np.int64)).to(tokens.device)
+        self._request_ids = np.asarray(plan.request_ids, dtype=np.int64)
+        self._positions = np.asarray(plan.positions, dtype=np.int64)
+        return StepOutput(tokens=tokens.index_select(0, keep), keep=keep, plan=plan, signals=sig)
+
+
+@dataclass(frozen=True)
+class _HostSignals:
+    """Host copies of one step's per-row signals, as the scheduler reads them."""
+
+    logprob: np.ndarray
+    entropy: np.ndarray
+    confidence: np.ndarray
+    margin: np.ndarray
+    topk_conf: np.ndarray
+    status: np.ndarray
+
+
+def _empty_signals() -> _HostSignals:
+    empty = np.zeros(0, dtype=np.float32)
+    return _HostSignals(empty, empty, empty, empty, empty, status=np.zeros(0, dtype=np.int8))
