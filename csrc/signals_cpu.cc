@@ -9,12 +9,9 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "float16.h"
 #include "signals_cpu_partial.h"
+#include "thread_pool.h"
 
 namespace haltwise {
 namespace {
@@ -112,10 +109,7 @@ void compute_signals_cpu(const SignalsArgs& a) {
 
   const SegmentFn fn = isa().fn;
   const int k = std::max(a.top_k_conf, 2);
-  int threads = 1;
-#ifdef _OPENMP
-  threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-#endif
+  int threads = a.num_threads > 0 ? a.num_threads : hardware_threads();
   if (a.batch * a.vocab < kMinParallelElements) threads = 1;
 
   // Split rows only when there are fewer rows than threads.
@@ -128,21 +122,23 @@ void compute_signals_cpu(const SignalsArgs& a) {
   parts = (a.vocab + segment - 1) / segment;
 
   if (parts == 1) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t row = 0; row < a.batch; ++row) {
-      RowPartial p;
-      fn(a, row, 0, a.vocab, k, &p);
-      finalize(a, row, p);
-    }
+    // Tasks are blocks of rows, a few per thread, so the pool's per-task
+    // overhead stays small and uneven rows still balance.
+    const int64_t block = std::max<int64_t>(1, a.batch / (int64_t(threads) * 4));
+    parallel_for((a.batch + block - 1) / block, threads, [&](int64_t b) {
+      for (int64_t row = b * block; row < std::min(a.batch, (b + 1) * block); ++row) {
+        RowPartial p;
+        fn(a, row, 0, a.vocab, k, &p);
+        finalize(a, row, p);
+      }
+    });
     return;
   }
   std::vector<RowPartial> partials(size_t(a.batch * parts));
-  const int64_t tasks = a.batch * parts;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t t = 0; t < tasks; ++t) {
+  parallel_for(a.batch * parts, threads, [&](int64_t t) {
     const int64_t row = t / parts, j = t % parts;
     fn(a, row, j * segment, std::min(a.vocab, (j + 1) * segment), k, &partials[size_t(t)]);
-  }
+  });
   for (int64_t row = 0; row < a.batch; ++row) {
     RowPartial& first = partials[size_t(row * parts)];
     for (int64_t j = 1; j < parts; ++j) merge_partial(first, partials[size_t(row * parts + j)], k);

@@ -37,7 +37,8 @@ class StepOutput:
     tokens:  int64 (len(keep),) on the logits' device: the next input token of
              every row that continues, in the order of ``keep``.
     keep:    int64 (len(keep),) on the logits' device: rows of this step that
-             continue (gather the KV cache / positions with it).
+             continue, increasing (in the slots layout ``plan.keep`` gives
+             their slots); gather the KV cache / positions with it.
     plan:    the scheduler's StepPlan (finished records, admissions, layout data).
     signals: the Signals of this step, (batch_size,) tensors on the logits' device.
     """
@@ -88,6 +89,7 @@ class Stepper:
         self.backend = backend
         self._request_ids = np.zeros(0, dtype=np.int64)
         self._positions = np.zeros(0, dtype=np.int64)
+        self._slots = np.zeros(0, dtype=np.int64)  # slots layout: slot of each row of the next step
 
     @property
     def batch_size(self) -> int:
@@ -102,7 +104,7 @@ class Stepper:
     def start(self, device: torch.device | str = "cpu") -> StepOutput:
         """Runs the scheduler on an empty batch: the first admissions (and the
         records of anything dropped from the queue)."""
-        plan = self.scheduler.step(np.zeros(0, dtype=np.int64), _empty_signals())
+        plan = self.scheduler.step(np.zeros(0, dtype=np.int64), HostSignals.zeros(0))
         return self._output(plan, None, torch.zeros(0, dtype=torch.int64, device=device))
 
     def step(self, logits: torch.Tensor) -> StepOutput:
@@ -130,20 +132,25 @@ class Stepper:
             rows = [sig.token, sig.status] + [getattr(sig, f) for f in _FIELDS]
             packed = torch.stack([r.double() for r in rows]).cpu().numpy()  # [7, batch]
             tokens = packed[0].astype(np.int64)
-            host = _HostSignals(*packed[2:].astype(np.float32), status=packed[1].astype(np.int8))
+            host = HostSignals(*packed[2:].astype(np.float32), status=packed[1].astype(np.int8))
         plan = self.scheduler.step(tokens, host)
         return self._output(plan, sig, sig.token)
 
     def _output(self, plan: StepPlan, sig: Signals | None, tokens: torch.Tensor) -> StepOutput:
-        keep = torch.from_numpy(np.ascontiguousarray(plan.keep, dtype=np.int64)).to(tokens.device)
-        self._request_ids = np.asarray(plan.request_ids, dtype=np.int64)
-        self._positions = np.asarray(plan.positions, dtype=np.int64)
+        # plan.keep holds rows (compact) or slots (slots layout); rows of this
+        # step are the previous plan's active slots in increasing order.
+        kept_rows = plan.keep if plan.active is None else np.searchsorted(self._slots, plan.keep)
+        keep = torch.tensor(kept_rows, dtype=torch.int64, device=tokens.device)  # copies: plan arrays are read-only
+        self._request_ids = np.array(plan.request_ids, dtype=np.int64)
+        self._positions = np.array(plan.positions, dtype=np.int64)
+        if plan.active is not None:
+            self._slots = np.flatnonzero(plan.active)
         return StepOutput(tokens=tokens.index_select(0, keep), keep=keep, plan=plan, signals=sig)
 
 
 @dataclass(frozen=True)
-class _HostSignals:
-    """Host copies of one step's per-row signals, as the scheduler reads them."""
+class HostSignals:
+    """Host (numpy) copies of one step's per-row signals, as the scheduler reads them."""
 
     logprob: np.ndarray
     entropy: np.ndarray
@@ -152,7 +159,7 @@ class _HostSignals:
     topk_conf: np.ndarray
     status: np.ndarray
 
-
-def _empty_signals() -> _HostSignals:
-    empty = np.zeros(0, dtype=np.float32)
-    return _HostSignals(empty, empty, empty, empty, empty, status=np.zeros(0, dtype=np.int8))
+    @classmethod
+    def zeros(cls, n: int) -> "HostSignals":
+        f = np.zeros(n, dtype=np.float32)
+        return cls(f, f, f, f, f, status=np.zeros(n, dtype=np.int8))

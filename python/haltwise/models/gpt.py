@@ -68,6 +68,15 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
+    def view(self, lo: int, hi: int) -> "KVCache":
+        """Rows [lo, hi) as a KVCache sharing this one's k and v storage (writes go
+        through); its lengths are a copy, since forward() replaces them."""
+        rows = object.__new__(KVCache)
+        rows.k, rows.v = self.k[:, lo:hi], self.v[:, lo:hi]
+        rows.lengths = self.lengths[lo:hi].clone()
+        rows.max_len = self.max_len
+        return rows
+
     def select_(self, rows: torch.Tensor) -> "KVCache":
         """In place: keep only ``rows`` (int64 [n], indices into the batch), in that order."""
         rows = torch.as_tensor(rows, dtype=torch.int64, device=self.k.device)
