@@ -12,6 +12,8 @@ CONFIDENT, INVALID_LOGITS) end each sequence individually, with its reason.
                          stopping_criteria=StoppingCriteriaList([crit]), max_new_tokens=64)
     crit.finished[row].reason    # why row stopped
 
+Rows that are done are padded with ``pad_token_id`` from then on (the
+criteria carries an ``eos_token_id``, which is what makes ``generate`` pad).
 ``generate`` appends custom processors after its own, so the signals are those
 of the scores as the processor receives them: the raw logits for greedy
 decoding, the temperature-scaled (and top-k/top-p masked) ones when sampling
@@ -79,6 +81,9 @@ class HaltwiseStoppingCriteria(StoppingCriteria):
         self.active = np.flatnonzero(plan.active)
         self.done = torch.zeros(batch_size, dtype=torch.bool)
         self.finished: dict[int, Finished] = {}
+        # generate() pads the rows that are done (instead of sampling on) only
+        # when some criteria has an `eos_token_id`; ours are those of the configs.
+        self.eos_token_id = sorted({t for s in stops for t in s.eos_ids})
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         sig = self.processor.last
