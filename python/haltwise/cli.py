@@ -33,6 +33,31 @@ def _bench_scheduler(args) -> int:
     return 0
 
 
+def _bench_decode(args) -> int:
+    from .benchmarks.decode import DecodeBenchConfig, bench_decode, format_table, plot
+
+    cfg = DecodeBenchConfig(problems=args.problems, traces=args.traces, capacity=args.capacity,
+                            temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                            throughput_problems=args.throughput_problems)
+    kwargs = {}
+    if args.model or args.problems_file:
+        from .decoding.hf_runner import hf_setup
+
+        kwargs = hf_setup(args.model, args.problems_file, cfg)
+    payload = bench_decode(cfg, progress=not args.no_progress, bank_path=args.bank_out, weights=args.weights, **kwargs)
+    print(format_table(payload["runs"]))
+    if "throughput" in payload:
+        t = payload["throughput"]
+        print(f"throughput, {cfg.throughput_problems} problems x {cfg.traces} traces, no cutting: "
+              f"haltwise.Stepper {t['haltwise_tokens_per_s']:.0f} tok/s vs plain torch step "
+              f"{t['plain_tokens_per_s']:.0f} tok/s ({t['ratio']:.2f}x)")
+    if args.plot:
+        plot(args.plot, payload["runs"], payload["sweep"], payload["runs"][0]["tokens"])
+        print(f"wrote {args.plot}")
+    _write_json(args.json, payload)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haltwise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,15 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "scheduler: the native step")
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("--repeats", type=int, default=11, help="timed rounds per measurement (signals, scheduler)")
+    bench.add_argument("--plot", metavar="PATH", help="decode: PNG of tokens vs EM over a threshold sweep")
+    bench.add_argument("--problems", type=int, default=500, help="decode: problems of the eval set")
+    bench.add_argument("--traces", type=int, default=16, help="decode: traces per problem")
+    bench.add_argument("--capacity", type=int, default=256, help="decode: rows decoded together")
+    bench.add_argument("--temperature", type=float, default=1.0)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--max-new-tokens", type=int, default=160)
+    bench.add_argument("--throughput-problems", type=int, default=100,
+                       help="decode: problems for the Stepper vs plain-torch throughput check (0: skip)")
+    bench.add_argument("--weights", metavar="PATH", help="decode: safetensors weights of the bundled model")
+    bench.add_argument("--model", metavar="DIR", help="decode: a local Hugging Face checkpoint directory")
+    bench.add_argument("--problems-file", metavar="JSONL",
+                       help='decode: your problems, one {"prompt": str, "answer": int} per line')
+    bench.add_argument("--bank-out", metavar="PATH", help="decode: save run (a)'s traces as a trace bank")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
-        handler = {"signals": _bench_signals, "scheduler": _bench_scheduler}.get(args.suite)
-        if handler is None:
-            raise SystemExit("haltwise bench decode: not available yet")
+        handler = {"decode": _bench_decode, "signals": _bench_signals, "scheduler": _bench_scheduler}[args.suite]
         return handler(args)
     return 2
 

@@ -1,0 +1,209 @@
+"""`haltwise bench` (the main job): early stopping on a real decode loop.
+
+On the same problems and seeds it runs
+  (a) no early stopping: K traces per problem, majority vote;
+  (b) DeepConf online: warm-up traces set each problem's LOW_CONFIDENCE threshold, the rest are cut;
+  (c) (b) plus waves and group consensus: a settled vote drops the problem's remaining traces;
+and reports tokens, tokens saved vs (a), vote EM (with the standard error of
+the paired EM difference), single-trace EM, tokens/s and wall time. Because
+noise is keyed by (request, position), a trace cut in (b)/(c) is a prefix of
+its twin in (a), so the EM differences are paired.
+
+It also times the same loop with a plain torch multinomial step against the
+Stepper (no cutting), and can sweep thresholds by replaying (a)'s traces.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..decoding.parallel import EarlyStopSettings, ParallelSampler, RunResult
+from ..decoding.runners import GPTRunner
+from ..scheduler import StopReason
+from ..tracebank import TraceBank, replay_warmup_cut
+from .plain_stepper import PlainStepper
+
+
+@dataclass(frozen=True)
+class DecodeBenchConfig:
+    problems: int = 500
+    traces: int = 16
+    temperature: float = 1.0
+    seed: int = 0
+    capacity: int = 256
+    max_new_tokens: int = 160
+    signal: str = "logprob"
+    window: int = 16
+    warmup: int = 4
+    keep_percent: float = 90.0
+    wave_size: int = 4
+    consensus: str = "beta"
+    consensus_threshold: float = 0.95
+    throughput_problems: int = 100  # problems for the Stepper vs plain-torch throughput check
+
+
+def default_runs(cfg: DecodeBenchConfig) -> list[EarlyStopSettings]:
+    base = EarlyStopSettings(traces=cfg.traces, signal=cfg.signal, window=cfg.window,
+                             max_new_tokens=cfg.max_new_tokens)
+    return [
+        replace(base, name="(a) no early stopping", record_signals=True),
+        replace(base, name="(b) DeepConf online cut", warmup=cfg.warmup, keep_percent=cfg.keep_percent),
+        replace(base, name="(c) cut + waves + consensus", warmup=cfg.warmup, keep_percent=cfg.keep_percent,
+                wave_size=cfg.wave_size, consensus=cfg.consensus, consensus_threshold=cfg.consensus_threshold),
+    ]
+
+
+def paired_em_difference(run: RunResult, baseline: RunResult) -> tuple[float, float]:
+    """(EM(run) - EM(baseline), its standard error), paired over problems."""
+    d = run.correct_vector() - baseline.correct_vector()
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
+
+
+def run_row(run: RunResult, baseline: RunResult) -> dict:
+    diff, se = paired_em_difference(run, baseline)
+    return {
+        "name": run.settings.name,
+        "tokens": run.tokens,
+        "saved": 1.0 - run.tokens / baseline.tokens,
+        "em": run.em,
+        "em_single": run.em_single,
+        "em_diff": diff,
+        "em_diff_se": se,
+        "tokens_per_s": run.loop.tokens_per_s,
+        "wall_s": run.loop.wall_s,
+        "cut_traces": sum(t.reason == StopReason.LOW_CONFIDENCE for p in run.problems for t in p.traces),
+        "dropped_traces": sum(t.reason == StopReason.GROUP_CONSENSUS for p in run.problems for t in p.traces),
+    }
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    header = (f"{'run':<32} {'tokens':>9} {'saved':>7} {'vote EM':>8} {'dEM +- se':>16} {'EM 1':>6} "
+              f"{'cut':>5} {'dropped':>7} {'tok/s':>8} {'wall s':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<32} {r['tokens']:>9d} {r['saved']:>6.1%} {r['em']:>8.3f} "
+            f"{r['em_diff']:>+8.3f} +-{r['em_diff_se']:.3f} {r['em_single']:>6.3f} {r['cut_traces']:>5d} "
+            f"{r['dropped_traces']:>7d} {r['tokens_per_s']:>8.0f} {r['wall_s']:>7.1f}"
+        )
+    lines.append("saved: fewer generated tokens than (a); dEM: vote EM minus (a)'s on the same problems and "
+                 "seeds, with the standard error of the paired difference")
+    return "\n".join(lines)
+
+
+def bank_from_run(run: RunResult, difficulty: Sequence[int], meta: dict) -> TraceBank:
+    """The uncut run's traces as a TraceBank (it must have record_signals)."""
+    traces = []
+    for problem in run.problems:
+        row = []
+        for t in problem.traces:
+            if t.signals is None:
+                raise ValueError("bank_from_run: the run must record signals (EarlyStopSettings.record_signals)")
+            row.append({"answer": t.answer, "reason": int(t.reason), **t.signals})
+        traces.append(row)
+    return TraceBank.from_traces([p.reference for p in run.problems], difficulty, traces, meta=meta)
+
+
+def sweep(bank: TraceBank, cfg: DecodeBenchConfig, keep_percents=(100, 95, 90, 80, 70, 60, 50, 40, 30, 20, 10)):
+    """Tokens and vote EM of DeepConf online at each keep percentile, replayed on (a)'s traces."""
+    out = []
+    for keep in keep_percents:
+        outcome = replay_warmup_cut(bank, warmup=cfg.warmup, keep_percent=keep, signal=cfg.signal,
+                                    window=cfg.window)
+        out.append({"keep_percent": keep, "tokens": outcome.total_tokens, "em": outcome.em})
+    return out
+
+
+def plot(path: str, rows: Sequence[dict], sweep_rows: Sequence[dict], baseline_tokens: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [1 - r["tokens"] / baseline_tokens for r in sweep_rows]
+    ax.plot(xs, [r["em"] for r in sweep_rows], "o-", color="tab:blue", label="DeepConf online, replayed sweep")
+    for x, r in zip(xs, sweep_rows):
+        ax.annotate(f"{r['keep_percent']}%", (x, r["em"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for r, marker in zip(rows, "s^Dv*"):
+        ax.plot([r["saved"]], [r["em"]], marker, markersize=9, label=r["name"])
+    ax.set_xlabel("tokens saved vs no early stopping")
+    ax.set_ylabel("vote exact match")
+    ax.set_title("haltwise: tokens vs accuracy (labels: warm-up keep percentile)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def throughput_check(sampler: ParallelSampler, problems, cfg: DecodeBenchConfig) -> dict:
+    """tokens/s of the loop with haltwise.Stepper (no cutting) vs a plain torch step, same problems."""
+    settings = EarlyStopSettings(name="throughput", traces=cfg.traces, max_new_tokens=cfg.max_new_tokens,
+                                 signal=cfg.signal, window=cfg.window)
+    subset = problems[: cfg.throughput_problems]
+    results = {}
+    for name, factory in (("haltwise", None),
+                          ("plain", lambda s: PlainStepper(s, temperature=cfg.temperature, seed=cfg.seed))):
+        run = sampler.run(subset, settings, stepper_factory=factory)
+        results[name] = run.loop.tokens_per_s
+    return {"haltwise_tokens_per_s": results["haltwise"], "plain_tokens_per_s": results["plain"],
+            "ratio": results["haltwise"] / results["plain"]}
+
+
+def bundled_setup(cfg: DecodeBenchConfig, weights: str | None = None) -> dict:
+    """The bundled model and eval set; max_new_tokens is capped so prompt +
+    trace fit the model's context."""
+    from ..models.gpt import load_pretrained
+    from ..tasks import arith
+    from ..tasks.adapters import ArithTask
+
+    model, config = load_pretrained(weights)
+    torch.set_grad_enabled(False)
+    problems = arith.eval_set(cfg.problems)
+    max_prompt = max(len(arith.prompt_ids(p)) for p in problems)
+    cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, config.max_seq_len - max_prompt))
+    max_len = max_prompt + cfg.max_new_tokens
+    return dict(cfg=cfg, problems=problems, task=ArithTask(),
+                runner_factory=lambda capacity: GPTRunner(model, capacity, max_len=max_len))
+
+
+def bench_decode(cfg: DecodeBenchConfig, *, problems=None, task=None, runner_factory: Callable | None = None,
+                 runs: Sequence[EarlyStopSettings] | None = None, progress: bool = True,
+                 bank_path: str | None = None, extra_runs: Sequence[Callable] = (), weights: str | None = None) -> dict:
+    """Runs (a), (b), (c) [+ extra_runs] and the throughput check. Returns the JSON payload."""
+    from tqdm import tqdm
+
+    if problems is None or task is None or runner_factory is None:
+        setup = bundled_setup(cfg, weights)
+        cfg, problems, task, runner_factory = setup["cfg"], setup["problems"], setup["task"], setup["runner_factory"]
+    sampler = ParallelSampler(runner_factory, task, capacity=cfg.capacity, temperature=cfg.temperature,
+                              seed=cfg.seed, top_k_conf=20)
+    runs = list(runs or default_runs(cfg))
+    results: list[RunResult] = []
+    for settings in runs:
+        total = len(problems) * settings.traces
+        with tqdm(total=total, desc=settings.name, unit="trace", disable=not progress, leave=False) as bar:
+            results.append(sampler.run(problems, settings, progress=bar.update))
+    for extra in extra_runs:
+        results.append(extra(sampler, problems, results[0]))
+    baseline = results[0]
+    rows = [run_row(r, baseline) for r in results]
+    payload = {"baseline": baseline.settings.name, "config": cfg.__dict__, "runs": rows}
+    difficulty = [getattr(task, "difficulty", lambda p: 0)(p) for p in problems]
+    bank = bank_from_run(baseline, difficulty, meta={"temperature": cfg.temperature, "seed": cfg.seed,
+                                                     "traces": cfg.traces, "source": "haltwise bench (a)"})
+    payload["sweep"] = sweep(bank, cfg)
+    if bank_path:
+        bank.save(bank_path)
+    if cfg.throughput_problems:
+        payload["throughput"] = throughput_check(sampler, problems, cfg)
+    return payload

@@ -1,0 +1,83 @@
+"""Task adapters for parallel sampling (haltwise.decoding.parallel.Task): the
+bundled arithmetic task, and a JSONL file of the user's problems."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import arith
+
+
+class ArithTask:
+    """The bundled task: prompt ids, answer extraction, reference answer."""
+
+    eos_ids = (arith.EOS_ID,)
+
+    def prompt_ids(self, problem: arith.Problem) -> list[int]:
+        return arith.prompt_ids(problem)
+
+    def answer_of(self, token_ids: Sequence[int]) -> int | None:
+        return arith.extract_answer(arith.decode(token_ids))
+
+    def reference(self, problem: arith.Problem) -> int:
+        return problem.answer
+
+    def difficulty(self, problem: arith.Problem) -> int:
+        return problem.difficulty
+
+
+@dataclass(frozen=True)
+class JsonlProblem:
+    prompt: str
+    answer: int
+
+
+_LAST_INT = re.compile(r"-?\d+")
+
+
+def last_integer(text: str) -> int | None:
+    """The answer key of free text: its last integer, or None."""
+    found = _LAST_INT.findall(text.replace(",", ""))
+    return int(found[-1]) if found else None
+
+
+class JsonlTask:
+    """Problems from a JSONL file, one object per line with "prompt" (str) and
+    "answer" (int), tokenized by the model's own tokenizer (encode: str ->
+    ids; decode: ids -> str). The answer of a trace is the last integer of its
+    text."""
+
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str],
+                 eos_ids: Sequence[int]):
+        self.encode, self.decode = encode, decode
+        self.eos_ids = tuple(eos_ids)
+
+    @staticmethod
+    def load(path: str | Path) -> list[JsonlProblem]:
+        problems = []
+        for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row.get("prompt"), str) or isinstance(row.get("answer"), bool) \
+                    or not isinstance(row.get("answer"), int):
+                raise ValueError(f"{path}:{n}: each line needs a string 'prompt' and an int 'answer', got {row!r}")
+            problems.append(JsonlProblem(prompt=row["prompt"], answer=row["answer"]))
+        if not problems:
+            raise ValueError(f"{path}: no problems")
+        return problems
+
+    def prompt_ids(self, problem: JsonlProblem) -> list[int]:
+        return self.encode(problem.prompt)
+
+    def answer_of(self, token_ids: Sequence[int]) -> int | None:
+        return last_integer(self.decode(token_ids))
+
+    def reference(self, problem: JsonlProblem) -> int:
+        return problem.answer
+
+    def difficulty(self, problem: JsonlProblem) -> int:
+        return len(problem.prompt)
