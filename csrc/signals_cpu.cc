@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,14 +24,18 @@ struct Isa {
   const char* name;
 };
 
+// The widest instruction set this CPU runs, or a narrower one named by the
+// environment variable HALTWISE_CPU_ISA (generic / avx2 / avx512), for tests.
 Isa pick_isa() {
+  const char* env = std::getenv("HALTWISE_CPU_ISA");
+  const std::string wanted = env ? env : "";
 #if defined(__x86_64__) && defined(HALTWISE_HAVE_X86_ISAS)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return {isa_avx512::signals_segment, "avx512"};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {isa_avx2::signals_segment, "avx2"};
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512 && (wanted.empty() || wanted == "avx512")) return {isa_avx512::signals_segment, "avx512"};
+  if (avx2 && wanted != "generic") return {isa_avx2::signals_segment, "avx2"};
 #endif
   return {isa_generic::signals_segment, "generic"};
 }

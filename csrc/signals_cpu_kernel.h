@@ -161,17 +161,27 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
     }
     if (p.max == kNegInf) continue;  // everything masked so far
 
-    // Sweep 2: sum of exp(x - max) and of exp(x - max) * (x - max).
-    vf s = splat(0.0f), t = splat(0.0f);
+    // Sweep 2: sum of exp(x - max) and of exp(x - max) * (x - max), in 16
+    // accumulator lanes whatever the vector width (kParts vectors of kLanes),
+    // so every ISA adds the same numbers in the same order: identical results.
+    constexpr int kParts = 16 / kLanes;
+    vf s[kParts], t[kParts];
+    for (int h = 0; h < kParts; ++h) s[h] = t[h] = splat(0.0f);
     const vf vm = splat(p.max), floor = splat(-87.0f), zero = splat(0.0f);
-    for (int i = 0; i < kChunk; i += kLanes) {
-      const vf d = E::load(src + i) - vm;
-      const vf e = exp_nonpositive(d);
-      s += e;
-      t += e * (d < floor ? zero : d);  // masked -inf: 0, never 0 * -inf
+    for (int i = 0; i < kChunk; i += 16) {
+      for (int h = 0; h < kParts; ++h) {
+        const vf d = E::load(src + i + h * kLanes) - vm;
+        const vf e = exp_nonpositive(d);
+        s[h] += e;
+        t[h] += e * (d < floor ? zero : d);  // masked -inf: 0, never 0 * -inf
+      }
     }
-    p.sum_exp += hsum(s);
-    p.sum_exp_shift += hsum(t);
+    for (int h = 0; h < kParts; ++h) {
+      for (int j = 0; j < kLanes; ++j) {  // lane by lane into the double totals
+        p.sum_exp += s[h][j];
+        p.sum_exp_shift += t[h][j];
+      }
+    }
 
     // Sweep 3: the Gumbel race, 64 columns at a time. Column 64b + 16w + j
     // takes word w of counter 16b + j (philox.h): kLanes counters per call,

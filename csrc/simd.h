@@ -75,11 +75,6 @@ HW_INLINE uint32_t hmax(vu v) {
 }
 HW_INLINE vf max(vf a, vf b) { return a > b ? a : b; }
 HW_INLINE vu max(vu a, vu b) { return a > b ? a : b; }
-HW_INLINE double hsum(vf v) {
-  double s = 0.0;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
 HW_INLINE bool any(vi mask) {
   int32_t r = 0;
   for (int i = 0; i < kLanes; ++i) r |= mask[i];

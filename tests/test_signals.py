@@ -343,3 +343,35 @@ def test_triton_backend_on_cpu_outside_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend 'triton' needs CUDA logits"):
         haltwise.signals(torch.randn(2, 5), backend="triton")
+
+
+def test_every_instruction_set_gives_identical_results():
+    # The kernel is compiled once per ISA without FMA contraction, so the
+    # generic, AVX2 and AVX-512 builds must agree bit for bit.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, haltwise, sys; from haltwise._native import core\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "x = (torch.randn(9, 5003, generator=g) * 3).to(torch.bfloat16)\n"
+        "x[2, ::3] = float('-inf')\n"
+        "out = [haltwise.signals(x, temperature=t, top_k_conf=20, seed=5, offset=6, backend='native') for t in (0.0, 0.8)]\n"
+        "torch.save([tuple(o) for o in out], sys.argv[1])\n"
+        "print(core().signals_cpu_isa())\n"
+    )
+    results = {}
+    for isa in ("generic", "avx2", "avx512"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"haltwise_isa_{os.getpid()}_{isa}.pt")
+        env = dict(os.environ, HALTWISE_CPU_ISA=isa)
+        used = subprocess.run([sys.executable, "-c", script, path], env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+        results[used] = torch.load(path)
+        os.remove(path)
+    assert "generic" in results
+    reference = results.pop("generic")
+    for isa, out in results.items():
+        for a, b in zip(out, reference):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y), isa
