@@ -10,7 +10,14 @@ AdmissionQueue::GroupQueue& AdmissionQueue::group_queue(int32_t group) {
 }
 
 void AdmissionQueue::prune_front(GroupQueue& g) {
-  while (!g.fifo.empty() && requests_.find(g.fifo.front()) == requests_.end()) g.fifo.pop_front();
+  while (g.head < g.fifo.size() && requests_.find(g.fifo[g.head]) == requests_.end()) ++g.head;
+  if (g.head == g.fifo.size()) {
+    g.fifo.clear();
+    g.head = 0;
+  } else if (g.head > 32 && g.head * 2 > g.fifo.size()) {  // compact now and then
+    g.fifo.erase(g.fifo.begin(), g.fifo.begin() + static_cast<std::ptrdiff_t>(g.head));
+    g.head = 0;
+  }
 }
 
 void AdmissionQueue::push(QueuedRequest request) {
@@ -79,10 +86,8 @@ std::vector<uint64_t> AdmissionQueue::group_members(int32_t group, size_t limit)
   if (static_cast<size_t>(group) >= groups_.size()) return out;
   GroupQueue& g = groups_[static_cast<size_t>(group)];
   prune_front(g);
-  for (uint64_t seq : g.fifo) {
-    if (out.size() >= limit) break;
-    if (requests_.find(seq) != requests_.end()) out.push_back(seq);
-  }
+  for (size_t i = g.head; i < g.fifo.size() && out.size() < limit; ++i)
+    if (requests_.find(g.fifo[i]) != requests_.end()) out.push_back(g.fifo[i]);
   return out;
 }
 

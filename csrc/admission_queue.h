@@ -9,7 +9,6 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -60,7 +59,8 @@ class AdmissionQueue {
 
  private:
   struct GroupQueue {
-    std::deque<uint64_t> fifo;    // queued members in submit order; may hold stale (taken) seqs
+    std::vector<uint64_t> fifo;    // fifo[head..]: queued members in submit order; may hold stale (taken) seqs
+    size_t head = 0;
     std::vector<uint64_t> parked;  // members taken out of their class while the group is blocked
   };
   using Class = std::priority_queue<uint64_t, std::vector<uint64_t>, std::greater<uint64_t>>;  // oldest on top

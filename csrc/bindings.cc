@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -62,8 +63,10 @@ void signals_cpu(uintptr_t logits, int dtype, int64_t batch, int64_t vocab, int6
 
 // ============================================================================
 // The batch scheduler (csrc/scheduler.h). Python API: haltwise/scheduler.py.
-// Lean on purpose: step() reads numpy buffers in place, builds the plan's
-// arrays with one copy each, and Finished objects only for rows that ended.
+// Lean on purpose, since it runs once per decode step: step() reads numpy
+// buffers in place; the plan and its finished records are plain CPython
+// types (creating and reading pybind11 objects costs several times more)
+// whose arrays are built on first access, one copy each, read-only.
 // ============================================================================
 namespace scheduler_binding {
 
@@ -73,11 +76,11 @@ namespace scheduler_binding {
 PyObject* g_stop_reasons[kNumStopReasons] = {};
 PyObject* g_queue_full = nullptr;
 
-py::object reason_object(StopReason reason) {
-  if (reason == StopReason::kNone) return py::none();
-  PyObject* member = g_stop_reasons[static_cast<int>(reason)];
-  if (member == nullptr) return py::int_(static_cast<int>(reason));
-  return py::reinterpret_borrow<py::object>(member);
+PyObject* new_reason(StopReason reason) {  // new reference
+  PyObject* member = reason == StopReason::kNone ? Py_None : g_stop_reasons[static_cast<int>(reason)];
+  if (member == nullptr) return PyLong_FromLong(static_cast<int>(reason));
+  Py_INCREF(member);
+  return member;
 }
 
 void register_types(py::handle stop_reason, py::handle queue_full) {
@@ -91,27 +94,297 @@ void register_types(py::handle stop_reason, py::handle queue_full) {
   g_queue_full = queue_full.ptr();
 }
 
-void make_read_only(py::array& array) {
-  py::detail::array_proxy(array.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-}
-
+// A read-only 1-D copy of `data`, through the numpy C API directly (cheaper
+// than py::array_t's constructor, which allocates its shape and strides).
 template <typename T>
 py::array read_only_array(const T* data, size_t size) {
-  py::array_t<T> out(static_cast<py::ssize_t>(size));
-  if (size > 0) std::memcpy(out.mutable_data(), data, size * sizeof(T));
-  make_read_only(out);
-  return std::move(out);
+  const auto& api = py::detail::npy_api::get();
+  PyObject* descr = api.PyArray_DescrFromType_(py::detail::npy_format_descriptor<T>::value);
+  if (descr == nullptr) throw py::error_already_set();
+  Py_intptr_t dims[1] = {static_cast<Py_intptr_t>(size)};
+  PyObject* out = api.PyArray_NewFromDescr_(api.PyArray_Type_, descr, 1, dims, nullptr, nullptr, 0, nullptr);
+  if (out == nullptr) throw py::error_already_set();
+  auto* proxy = py::detail::array_proxy(out);
+  if (size > 0) std::memcpy(proxy->data, data, size * sizeof(T));
+  proxy->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return py::reinterpret_steal<py::array>(out);
 }
 
-py::array read_only_bool_array(const std::vector<uint8_t>& flags) {
-  py::array_t<bool> out(static_cast<py::ssize_t>(flags.size()));
-  if (!flags.empty()) std::memcpy(out.mutable_data(), flags.data(), flags.size());
-  make_read_only(out);
-  return std::move(out);
+// Runs a getter body that builds Python objects with pybind11; C++ exceptions
+// become Python errors (a getter must not throw through the C API).
+template <typename F>
+PyObject* guarded(F&& body) {
+  try {
+    return body();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
 }
 
-// One per-row input as a host buffer: a numpy array as is, anything else
-// (a CPU torch tensor) through numpy.asarray, which shares its memory.
+PyObject* cached(PyObject** slot, const std::function<py::object()>& build) {
+  if (*slot == nullptr) {
+    PyObject* made = guarded([&] { return build().release().ptr(); });
+    if (made == nullptr) return nullptr;
+    *slot = made;
+  }
+  Py_INCREF(*slot);
+  return *slot;
+}
+
+PyObject* no_new(PyTypeObject* type, PyObject*, PyObject*) {
+  PyErr_Format(PyExc_TypeError, "haltwise._core.%s objects come from Scheduler.step(), not from a constructor",
+               type->tp_name);
+  return nullptr;
+}
+
+// ---- Finished --------------------------------------------------------------------
+
+struct FinishedObject {
+  PyObject_HEAD
+  FinishedRecord* record;  // owned
+  PyObject* tokens;        // cached array
+  PyObject* signals;       // cached dict
+};
+PyTypeObject* g_finished_type = nullptr;
+
+const FinishedRecord& record_of(PyObject* self) { return *reinterpret_cast<FinishedObject*>(self)->record; }
+
+void finished_dealloc(PyObject* self) {
+  auto* f = reinterpret_cast<FinishedObject*>(self);
+  delete f->record;
+  Py_XDECREF(f->tokens);
+  Py_XDECREF(f->signals);
+  PyTypeObject* type = Py_TYPE(self);
+  type->tp_free(self);
+  Py_DECREF(type);
+}
+
+PyObject* finished_tokens(PyObject* self, void*) {
+  auto* f = reinterpret_cast<FinishedObject*>(self);
+  return cached(&f->tokens, [f] { return read_only_array(f->record->summary.tokens.data(), f->record->summary.tokens.size()); });
+}
+
+PyObject* finished_signals(PyObject* self, void*) {
+  auto* f = reinterpret_cast<FinishedObject*>(self);
+  if (!f->record->summary.has_signals()) Py_RETURN_NONE;
+  return cached(&f->signals, [f] {
+    py::dict out;
+    for (int i = 0; i < kNumRecorded; ++i) {
+      const std::vector<float>& values = f->record->summary.signals[static_cast<size_t>(i)];
+      out[kRecordedSignalNames[i]] = read_only_array(values.data(), values.size());
+    }
+    return py::object(std::move(out));
+  });
+}
+
+#define HALTWISE_INT_GETTER(name, expr) \
+  PyObject* finished_##name(PyObject* self, void*) { return PyLong_FromLongLong(record_of(self).expr); }
+#define HALTWISE_FLOAT_GETTER(name) \
+  PyObject* finished_##name(PyObject* self, void*) { return PyFloat_FromDouble(record_of(self).summary.name); }
+HALTWISE_INT_GETTER(request_id, request_id)
+HALTWISE_INT_GETTER(num_tokens, summary.num_tokens)
+HALTWISE_INT_GETTER(steps_below_threshold, summary.steps_below_threshold)
+HALTWISE_INT_GETTER(would_stop_step, summary.would_stop_step)
+HALTWISE_FLOAT_GETTER(mean_topk_conf)
+HALTWISE_FLOAT_GETTER(mean_logprob)
+HALTWISE_FLOAT_GETTER(mean_neg_entropy)
+HALTWISE_FLOAT_GETTER(mean_signal)
+HALTWISE_FLOAT_GETTER(min_window_mean)
+HALTWISE_FLOAT_GETTER(last_window_mean)
+HALTWISE_FLOAT_GETTER(last_entropy)
+#undef HALTWISE_INT_GETTER
+#undef HALTWISE_FLOAT_GETTER
+
+PyObject* finished_reason(PyObject* self, void*) { return new_reason(record_of(self).reason); }
+PyObject* finished_would_stop_reason(PyObject* self, void*) {
+  return new_reason(record_of(self).summary.would_stop_reason);
+}
+PyObject* finished_group(PyObject* self, void*) {
+  const auto& group = record_of(self).group;
+  if (!group) Py_RETURN_NONE;
+  return PyLong_FromLongLong(*group);
+}
+
+PyObject* finished_repr(PyObject* self) {
+  const FinishedRecord& r = record_of(self);
+  const std::string text = "Finished(request_id=" + std::to_string(r.request_id) + ", reason=" +
+                           stop_reason_name(r.reason) + ", num_tokens=" + std::to_string(r.summary.num_tokens) +
+                           (r.group ? ", group=" + std::to_string(*r.group) : std::string()) + ")";
+  return PyUnicode_FromString(text.c_str());
+}
+
+PyGetSetDef g_finished_getset[] = {
+    {"request_id", finished_request_id, nullptr, nullptr, nullptr},
+    {"reason", finished_reason, nullptr, nullptr, nullptr},
+    {"group", finished_group, nullptr, nullptr, nullptr},
+    {"num_tokens", finished_num_tokens, nullptr, nullptr, nullptr},
+    {"tokens", finished_tokens, nullptr, nullptr, nullptr},
+    {"mean_topk_conf", finished_mean_topk_conf, nullptr, nullptr, nullptr},
+    {"mean_logprob", finished_mean_logprob, nullptr, nullptr, nullptr},
+    {"mean_neg_entropy", finished_mean_neg_entropy, nullptr, nullptr, nullptr},
+    {"mean_signal", finished_mean_signal, nullptr, nullptr, nullptr},
+    {"min_window_mean", finished_min_window_mean, nullptr, nullptr, nullptr},
+    {"last_window_mean", finished_last_window_mean, nullptr, nullptr, nullptr},
+    {"last_entropy", finished_last_entropy, nullptr, nullptr, nullptr},
+    {"steps_below_threshold", finished_steps_below_threshold, nullptr, nullptr, nullptr},
+    {"would_stop_step", finished_would_stop_step, nullptr, nullptr, nullptr},
+    {"would_stop_reason", finished_would_stop_reason, nullptr, nullptr, nullptr},
+    {"signals", finished_signals, nullptr, nullptr, nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+PyObject* new_finished(FinishedRecord&& record) {
+  auto* f = PyObject_New(FinishedObject, g_finished_type);
+  if (f == nullptr) return nullptr;
+  f->record = new FinishedRecord(std::move(record));
+  f->tokens = nullptr;
+  f->signals = nullptr;
+  return reinterpret_cast<PyObject*>(f);
+}
+
+// ---- StepPlan ----------------------------------------------------------------------
+
+struct PlanObject {
+  PyObject_HEAD
+  StepPlanData* data;  // owned
+  bool slots;
+  PyObject *finished, *keep, *admitted, *request_ids, *positions, *active, *free_slots;  // built on first access
+};
+PyTypeObject* g_plan_type = nullptr;
+
+PlanObject* plan_of(PyObject* self) { return reinterpret_cast<PlanObject*>(self); }
+
+void plan_dealloc(PyObject* self) {
+  PlanObject* p = plan_of(self);
+  delete p->data;
+  for (PyObject* o : {p->finished, p->keep, p->admitted, p->request_ids, p->positions, p->active, p->free_slots})
+    Py_XDECREF(o);
+  PyTypeObject* type = Py_TYPE(self);
+  type->tp_free(self);
+  Py_DECREF(type);
+}
+
+PyObject* plan_finished(PyObject* self, void*) {
+  PlanObject* p = plan_of(self);
+  if (p->finished == nullptr) {
+    std::vector<FinishedRecord>& records = p->data->finished;
+    PyObject* list = PyList_New(static_cast<Py_ssize_t>(records.size()));
+    if (list == nullptr) return nullptr;
+    for (size_t i = 0; i < records.size(); ++i) {
+      PyObject* item = new_finished(std::move(records[i]));
+      if (item == nullptr) {
+        Py_DECREF(list);
+        return nullptr;
+      }
+      PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+    }
+    records.clear();
+    p->finished = list;
+  }
+  Py_INCREF(p->finished);
+  return p->finished;
+}
+
+PyObject* plan_admitted(PyObject* self, void*) {
+  PlanObject* p = plan_of(self);
+  if (p->admitted == nullptr) {
+    const auto& admitted = p->data->admitted;
+    PyObject* list = PyList_New(static_cast<Py_ssize_t>(admitted.size()));
+    if (list == nullptr) return nullptr;
+    for (size_t i = 0; i < admitted.size(); ++i) {
+      PyObject* pair = Py_BuildValue("(LL)", static_cast<long long>(admitted[i].first),
+                                     static_cast<long long>(admitted[i].second));
+      if (pair == nullptr) {
+        Py_DECREF(list);
+        return nullptr;
+      }
+      PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), pair);
+    }
+    p->admitted = list;
+  }
+  Py_INCREF(p->admitted);
+  return p->admitted;
+}
+
+PyObject* plan_keep(PyObject* self, void*) {
+  PlanObject* p = plan_of(self);
+  return cached(&p->keep, [p] { return read_only_array(p->data->keep.data(), p->data->keep.size()); });
+}
+PyObject* plan_request_ids(PyObject* self, void*) {
+  PlanObject* p = plan_of(self);
+  return cached(&p->request_ids,
+                [p] { return read_only_array(p->data->request_ids.data(), p->data->request_ids.size()); });
+}
+PyObject* plan_positions(PyObject* self, void*) {
+  PlanObject* p = plan_of(self);
+  return cached(&p->positions, [p] { return read_only_array(p->data->positions.data(), p->data->positions.size()); });
+}
+PyObject* plan_active(PyObject* self, void*) {
+  PlanObject* p = plan_of(self);
+  if (!p->slots) Py_RETURN_NONE;
+  return cached(&p->active, [p] {
+    static_assert(sizeof(bool) == sizeof(uint8_t), "bool arrays are copied from uint8 flags");
+    return read_only_array(reinterpret_cast<const bool*>(p->data->active.data()), p->data->active.size());
+  });
+}
+PyObject* plan_free_slots(PyObject* self, void*) {
+  PlanObject* p = plan_of(self);
+  if (!p->slots) Py_RETURN_NONE;
+  return cached(&p->free_slots, [p] {
+    std::vector<int64_t> free;
+    for (size_t slot = 0; slot < p->data->active.size(); ++slot)
+      if (!p->data->active[slot]) free.push_back(static_cast<int64_t>(slot));
+    return read_only_array(free.data(), free.size());
+  });
+}
+
+PyObject* plan_repr(PyObject* self) {
+  PlanObject* p = plan_of(self);
+  const size_t finished = p->finished != nullptr ? static_cast<size_t>(PyList_GET_SIZE(p->finished))
+                                                 : p->data->finished.size();
+  const std::string text = "StepPlan(finished=" + std::to_string(finished) + ", keep=" +
+                           std::to_string(p->data->keep.size()) + ", admitted=" +
+                           std::to_string(p->data->admitted.size()) + ", next_batch=" +
+                           std::to_string(p->data->request_ids.size()) + ")";
+  return PyUnicode_FromString(text.c_str());
+}
+
+PyGetSetDef g_plan_getset[] = {
+    {"finished", plan_finished, nullptr, nullptr, nullptr},
+    {"keep", plan_keep, nullptr, nullptr, nullptr},
+    {"admitted", plan_admitted, nullptr, nullptr, nullptr},
+    {"request_ids", plan_request_ids, nullptr, nullptr, nullptr},
+    {"positions", plan_positions, nullptr, nullptr, nullptr},
+    {"active", plan_active, nullptr, nullptr, nullptr},
+    {"free_slots", plan_free_slots, nullptr, nullptr, nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+PyTypeObject* make_type(const char* name, const char* doc, size_t size, destructor dealloc, PyGetSetDef* getset,
+                        reprfunc repr) {
+  PyType_Slot slots[] = {
+      {Py_tp_dealloc, reinterpret_cast<void*>(dealloc)},
+      {Py_tp_getset, getset},
+      {Py_tp_repr, reinterpret_cast<void*>(repr)},
+      {Py_tp_new, reinterpret_cast<void*>(no_new)},
+      {Py_tp_doc, const_cast<char*>(doc)},
+      {0, nullptr},
+  };
+  PyType_Spec spec = {name, static_cast<int>(size), 0, Py_TPFLAGS_DEFAULT, slots};
+  PyObject* type = PyType_FromSpec(&spec);
+  if (type == nullptr) throw py::error_already_set();
+  return reinterpret_cast<PyTypeObject*>(type);  // kept for the life of the process
+}
+
+// ---- inputs -------------------------------------------------------------------------
+
+// One per-row input as a host buffer: a numpy array as is; a CPU torch tensor
+// through its numpy() (shares its memory; ~0.8 us, cheaper than
+// numpy.asarray's trip through Tensor.__array__); anything else through
+// numpy.asarray.
 struct HostArray {
   py::object owner;
   const char* data = nullptr;
@@ -119,31 +392,47 @@ struct HostArray {
   int64_t size = 0;
 };
 
-HostArray host_array(py::handle value, const std::string& name, char kind, int itemsize, const char* dtype_name) {
+std::string type_name(py::handle value) { return py::str(py::type::handle_of(value).attr("__name__")); }
+
+HostArray host_array(py::handle value, const char* name, char kind, int itemsize, const char* dtype_name) {
   HostArray out;
   if (py::isinstance<py::array>(value)) {
     out.owner = py::reinterpret_borrow<py::object>(value);
   } else {
-    static PyObject* asarray = py::module_::import("numpy").attr("asarray").release().ptr();
-    PyObject* converted = PyObject_CallOneArg(asarray, value.ptr());
+    static PyObject* asarray = py::object(py::module_::import("numpy").attr("asarray")).release().ptr();
+    static PyObject* numpy_name = PyUnicode_InternFromString("numpy");
+    PyObject* converted = nullptr;
+    PyObject* method = PyObject_GetAttr(value.ptr(), numpy_name);
+    if (method != nullptr) {
+      converted = PyObject_CallNoArgs(method);
+      Py_DECREF(method);
+      if (converted != nullptr && !py::isinstance<py::array>(converted)) {  // a numpy() that is not torch's
+        Py_DECREF(converted);
+        converted = PyObject_CallOneArg(asarray, value.ptr());
+      }
+    } else {
+      PyErr_Clear();
+      converted = PyObject_CallOneArg(asarray, value.ptr());
+    }
     if (converted == nullptr) {
       const py::error_already_set error;
-      throw std::invalid_argument("step: " + name + " must be a numpy array or a CPU torch tensor, got " +
-                                  std::string(py::str(py::type::handle_of(value).attr("__name__"))) + " (" +
-                                  error.what() + ")");
+      throw std::invalid_argument(std::string("step: ") + name + " must be a numpy array or a CPU torch tensor, got " +
+                                  type_name(value) + " (" + error.what() + ")");
     }
     out.owner = py::reinterpret_steal<py::object>(converted);
   }
-  const auto array = py::reinterpret_borrow<py::array>(out.owner);
-  const py::dtype dtype = array.dtype();
-  if (dtype.kind() != kind || dtype.itemsize() != itemsize || dtype.byteorder() == '>')
-    throw std::invalid_argument("step: " + name + " must be " + dtype_name + ", got " + std::string(py::str(dtype)));
-  if (array.ndim() != 1)
-    throw std::invalid_argument("step: " + name + " must be 1-D [batch], got shape " +
-                                std::string(py::str(py::tuple(array.attr("shape")))));
-  out.data = static_cast<const char*>(array.data());
-  out.stride = array.strides(0);
-  out.size = array.shape(0);
+  const auto* array = py::detail::array_proxy(out.owner.ptr());
+  const auto* descr = py::detail::array_descriptor_proxy(array->descr);
+  if (descr->kind != kind || py::reinterpret_borrow<py::dtype>(array->descr).itemsize() != itemsize ||
+      descr->byteorder == '>')
+    throw std::invalid_argument(std::string("step: ") + name + " must be " + dtype_name + ", got " +
+                                std::string(py::str(py::reinterpret_borrow<py::object>(array->descr))));
+  if (array->nd != 1)
+    throw std::invalid_argument(std::string("step: ") + name + " must be 1-D [batch], got shape " +
+                                std::string(py::str(out.owner.attr("shape"))));
+  out.data = array->data;
+  out.stride = array->strides[0];
+  out.size = array->dimensions[0];
   return out;
 }
 
@@ -161,43 +450,35 @@ std::unique_lock<std::mutex> lock(PyScheduler& s) {
   return held;
 }
 
-struct PyFinished {
-  FinishedRecord record;
-  py::object tokens;   // cached array
-  py::object signals;  // cached dict
-};
+constexpr const char* kInputNames[7] = {"tokens",         "signals.logprob",   "signals.entropy", "signals.confidence",
+                                        "signals.margin", "signals.topk_conf", "signals.status"};
 
-struct PyStepPlan {
-  StepPlanData data;
-  bool slots = false;
-  py::object finished, keep, admitted, request_ids, positions, active, free_slots;  // built on first access
-};
-
-std::unique_ptr<PyStepPlan> step(PyScheduler& self, py::handle tokens, py::handle signals) {
+py::object step(PyScheduler& self, py::handle tokens, py::handle signals) {
   const auto held = lock(self);
   const int64_t rows = self.core.batch_size();
-  StepInput in;
   HostArray inputs[7];
-  inputs[0] = host_array(tokens, "tokens", 'i', 8, "int64");
+  inputs[0] = host_array(tokens, kInputNames[0], 'i', 8, "int64");
+  StepInput in;
   if (signals.is_none() && rows == 0 && inputs[0].size == 0) {
     static const float no_signal = 0;
     static const int8_t no_status = 0;
     for (auto& p : in.signals) p = reinterpret_cast<const char*>(&no_signal);
     in.status = reinterpret_cast<const char*>(&no_status);
   } else {
-    static const char* const fields[6] = {"logprob", "entropy", "confidence", "margin", "topk_conf", "status"};
+    static PyObject* const fields[6] = {PyUnicode_InternFromString("logprob"), PyUnicode_InternFromString("entropy"),
+                                        PyUnicode_InternFromString("confidence"), PyUnicode_InternFromString("margin"),
+                                        PyUnicode_InternFromString("topk_conf"), PyUnicode_InternFromString("status")};
     for (int f = 0; f < 6; ++f) {
-      PyObject* field = PyObject_GetAttrString(signals.ptr(), fields[f]);
+      PyObject* field = PyObject_GetAttr(signals.ptr(), fields[f]);
       if (field == nullptr) {
         PyErr_Clear();
         throw py::type_error("step: signals must have the attributes logprob, entropy, confidence, margin, "
-                             "topk_conf and status (a haltwise.Signals, say), got " +
-                             std::string(py::str(py::type::handle_of(signals).attr("__name__"))) + " without '" +
-                             fields[f] + "'");
+                             "topk_conf and status (a haltwise.Signals, say), got " + type_name(signals) +
+                             " without '" + py::str(fields[f]).cast<std::string>() + "'");
       }
       const auto owner = py::reinterpret_steal<py::object>(field);
-      const std::string name = std::string("signals.") + fields[f];
-      inputs[f + 1] = f < 5 ? host_array(owner, name, 'f', 4, "float32") : host_array(owner, name, 'i', 1, "int8");
+      inputs[f + 1] = f < 5 ? host_array(owner, kInputNames[f + 1], 'f', 4, "float32")
+                            : host_array(owner, kInputNames[f + 1], 'i', 1, "int8");
     }
     for (int f = 0; f < 5; ++f) {
       in.signals[f] = inputs[f + 1].data;
@@ -206,62 +487,27 @@ std::unique_ptr<PyStepPlan> step(PyScheduler& self, py::handle tokens, py::handl
     in.status = inputs[6].data;
     in.status_stride = inputs[6].stride;
   }
-  static const char* const names[7] = {"tokens", "signals.logprob", "signals.entropy", "signals.confidence",
-                                       "signals.margin", "signals.topk_conf", "signals.status"};
   for (int f = 0; f < 7; ++f)
     if (inputs[f].owner && inputs[f].size != rows)
-      throw std::invalid_argument(std::string("step: ") + names[f] + " must have shape (" + std::to_string(rows) +
-                                  ",) (one per row of the batch), got (" + std::to_string(inputs[f].size) + ",)");
+      throw std::invalid_argument(std::string("step: ") + kInputNames[f] + " must have shape (" +
+                                  std::to_string(rows) + ",) (one per row of the batch), got (" +
+                                  std::to_string(inputs[f].size) + ",)");
   in.batch = rows;
   in.tokens = inputs[0].data;
   in.tokens_stride = inputs[0].stride;
-  auto plan = std::make_unique<PyStepPlan>();
-  plan->slots = self.core.layout() == Layout::kSlots;
+
+  auto data = std::make_unique<StepPlanData>();
   {
     py::gil_scoped_release release;
-    self.core.step(in, &plan->data);
+    self.core.step(in, data.get());
   }
-  return plan;
-}
-
-py::object finished_list(PyStepPlan& plan) {
-  if (!plan.finished) {
-    py::list out(plan.data.finished.size());
-    for (size_t i = 0; i < plan.data.finished.size(); ++i) {
-      auto item = std::make_unique<PyFinished>();
-      item->record = std::move(plan.data.finished[i]);
-      out[i] = py::cast(std::move(item));
-    }
-    plan.data.finished.clear();
-    plan.finished = std::move(out);
-  }
-  return plan.finished;
-}
-
-py::object admitted_list(PyStepPlan& plan) {
-  if (!plan.admitted) {
-    py::list out(plan.data.admitted.size());
-    for (size_t i = 0; i < plan.data.admitted.size(); ++i)
-      out[i] = py::make_tuple(plan.data.admitted[i].first, plan.data.admitted[i].second);
-    plan.admitted = std::move(out);
-  }
-  return plan.admitted;
-}
-
-py::object cached_int64(py::object& cache, const std::vector<int64_t>& values) {
-  if (!cache) cache = read_only_array(values.data(), values.size());
-  return cache;
-}
-
-py::object free_slots(PyStepPlan& plan) {
-  if (!plan.slots) return py::none();
-  if (!plan.free_slots) {
-    std::vector<int64_t> free;
-    for (size_t slot = 0; slot < plan.data.active.size(); ++slot)
-      if (!plan.data.active[slot]) free.push_back(static_cast<int64_t>(slot));
-    plan.free_slots = read_only_array(free.data(), free.size());
-  }
-  return plan.free_slots;
+  auto* plan = PyObject_New(PlanObject, g_plan_type);
+  if (plan == nullptr) throw py::error_already_set();
+  plan->data = data.release();
+  plan->slots = self.core.layout() == Layout::kSlots;
+  plan->finished = plan->keep = plan->admitted = plan->request_ids = plan->positions = plan->active =
+      plan->free_slots = nullptr;
+  return py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(plan));
 }
 
 void bind(py::module_& m) {
@@ -276,9 +522,17 @@ void bind(py::module_& m) {
   m.def("scheduler_register_types", &register_types, py::arg("stop_reason"), py::arg("queue_full"),
         "Tells the native scheduler the Python StopReason enum and QueueFull exception (haltwise.scheduler).");
 
+  g_finished_type = make_type("haltwise._core.Finished", "A sequence that ended (haltwise.Finished documents the fields).",
+                              sizeof(FinishedObject), finished_dealloc, g_finished_getset, finished_repr);
+  g_plan_type = make_type("haltwise._core.StepPlan", "What the caller does before the next step (haltwise.StepPlan "
+                          "documents the fields).", sizeof(PlanObject), plan_dealloc, g_plan_getset, plan_repr);
+  m.attr("Finished") = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(g_finished_type));
+  m.attr("StepPlan") = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(g_plan_type));
+
   py::class_<StopRules, std::shared_ptr<StopRules>>(m, "StopRules",
                                                     "A validated StopConfig with its stop-sequence automaton built. "
                                                     "Use haltwise.StopConfig.")
+
       .def(py::init([](std::vector<int64_t> eos_ids, std::vector<std::vector<int64_t>> stop_sequences,
                        int64_t min_new_tokens, const std::string& low_conf_signal,
                        std::optional<double> low_conf_threshold, int64_t window,
@@ -302,66 +556,6 @@ void bind(py::module_& m) {
            py::arg("low_conf_signal"), py::arg("low_conf_threshold"), py::arg("window"),
            py::arg("confident_entropy_below"), py::arg("confident_margin_above"), py::arg("confident_steps"),
            py::arg("shadow"), py::arg("record_signals"));
-
-  py::class_<PyFinished>(m, "Finished", "A sequence that ended (haltwise.Finished documents the fields).")
-      .def_property_readonly("request_id", [](const PyFinished& f) { return f.record.request_id; })
-      .def_property_readonly("reason", [](const PyFinished& f) { return reason_object(f.record.reason); })
-      .def_property_readonly("group", [](const PyFinished& f) { return f.record.group; })
-      .def_property_readonly("num_tokens", [](const PyFinished& f) { return f.record.summary.num_tokens; })
-      .def_property_readonly("tokens",
-                             [](PyFinished& f) {
-                               if (!f.tokens)
-                                 f.tokens = read_only_array(f.record.summary.tokens.data(), f.record.summary.tokens.size());
-                               return f.tokens;
-                             })
-      .def_property_readonly("mean_topk_conf", [](const PyFinished& f) { return f.record.summary.mean_topk_conf; })
-      .def_property_readonly("mean_logprob", [](const PyFinished& f) { return f.record.summary.mean_logprob; })
-      .def_property_readonly("mean_neg_entropy", [](const PyFinished& f) { return f.record.summary.mean_neg_entropy; })
-      .def_property_readonly("mean_signal", [](const PyFinished& f) { return f.record.summary.mean_signal; })
-      .def_property_readonly("min_window_mean", [](const PyFinished& f) { return f.record.summary.min_window_mean; })
-      .def_property_readonly("last_window_mean", [](const PyFinished& f) { return f.record.summary.last_window_mean; })
-      .def_property_readonly("last_entropy", [](const PyFinished& f) { return f.record.summary.last_entropy; })
-      .def_property_readonly("steps_below_threshold",
-                             [](const PyFinished& f) { return f.record.summary.steps_below_threshold; })
-      .def_property_readonly("would_stop_step", [](const PyFinished& f) { return f.record.summary.would_stop_step; })
-      .def_property_readonly("would_stop_reason",
-                             [](const PyFinished& f) { return reason_object(f.record.summary.would_stop_reason); })
-      .def_property_readonly("signals",
-                             [](PyFinished& f) -> py::object {
-                               if (!f.record.summary.has_signals) return py::none();
-                               if (!f.signals) {
-                                 py::dict out;
-                                 for (int i = 0; i < kNumRecorded; ++i)
-                                   out[kRecordedSignalNames[i]] = read_only_array(
-                                       f.record.summary.signals[i].data(), f.record.summary.signals[i].size());
-                                 f.signals = std::move(out);
-                               }
-                               return f.signals;
-                             })
-      .def("__repr__", [](const PyFinished& f) {
-        return "Finished(request_id=" + std::to_string(f.record.request_id) + ", reason=" +
-               stop_reason_name(f.record.reason) + ", num_tokens=" + std::to_string(f.record.summary.num_tokens) +
-               (f.record.group ? ", group=" + std::to_string(*f.record.group) : std::string()) + ")";
-      });
-
-  py::class_<PyStepPlan>(m, "StepPlan", "What the caller does before the next step (haltwise.StepPlan documents it).")
-      .def_property_readonly("finished", &finished_list)
-      .def_property_readonly("keep", [](PyStepPlan& p) { return cached_int64(p.keep, p.data.keep); })
-      .def_property_readonly("admitted", &admitted_list)
-      .def_property_readonly("request_ids", [](PyStepPlan& p) { return cached_int64(p.request_ids, p.data.request_ids); })
-      .def_property_readonly("positions", [](PyStepPlan& p) { return cached_int64(p.positions, p.data.positions); })
-      .def_property_readonly("active",
-                             [](PyStepPlan& p) -> py::object {
-                               if (!p.slots) return py::none();
-                               if (!p.active) p.active = read_only_bool_array(p.data.active);
-                               return p.active;
-                             })
-      .def_property_readonly("free_slots", &free_slots)
-      .def("__repr__", [](PyStepPlan& p) {
-        return "StepPlan(finished=" + std::to_string(py::len(finished_list(p))) + ", keep=" +
-               std::to_string(p.data.keep.size()) + ", admitted=" + std::to_string(p.data.admitted.size()) +
-               ", next_batch=" + std::to_string(p.data.request_ids.size()) + ")";
-      });
 
   py::class_<PyScheduler>(m, "Scheduler", "The native batch scheduler. Use haltwise.Scheduler.")
       .def(py::init([](int64_t capacity, const std::string& layout, int64_t max_queue, int64_t aging_steps,

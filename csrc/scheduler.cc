@@ -85,27 +85,34 @@ void Scheduler::settle_dirty_groups(std::vector<FinishedRecord>* out) {
     Group& group = groups_[static_cast<size_t>(g)];
     group.dirty = false;
     if (group.settled) continue;
-    if (group.vote.settled(group.active + group.queued, options_.consensus_fraction, options_.consensus_min_votes)) {
-      group.settled = true;  // active members end at their next row
-      end_queued_members(g, out);
-    }
+    const int64_t remaining = static_cast<int64_t>(group.members.size()) + group.queued;
+    if (group.vote.settled(remaining, options_.consensus_fraction, options_.consensus_min_votes))
+      settle(g, out);
   }
   dirty_groups_.clear();
 }
 
-int64_t Scheduler::end_queued_members(int32_t g, std::vector<FinishedRecord>* out) {
+// Marks the group settled, ends its queued members now (into `out`) and its
+// active ones at their next row. Returns how many it ends.
+int64_t Scheduler::settle(int32_t g, std::vector<FinishedRecord>* out) {
+  groups_[static_cast<size_t>(g)].settled = true;
+  int64_t ended = 0;
+  for (int32_t slot : groups_[static_cast<size_t>(g)].members) {
+    Sequence& s = slots_[static_cast<size_t>(slot)];
+    if (s.pending_end == StopReason::kNone) {
+      s.pending_end = StopReason::kGroupConsensus;
+      ++ended;
+    }
+  }
   const std::vector<uint64_t> members = queue_.group_members(g, std::numeric_limits<size_t>::max());
   for (uint64_t seq : members) end_queued(queue_.take(seq), StopReason::kGroupConsensus, out);
-  return static_cast<int64_t>(members.size());
+  return ended + static_cast<int64_t>(members.size());
 }
 
 int64_t Scheduler::settle_group(int64_t group) {
   const int32_t g = group_index(group, false);
-  if (g < 0) return 0;
-  if (groups_[static_cast<size_t>(g)].settled) return 0;
-  groups_[static_cast<size_t>(g)].settled = true;
-  const int64_t active = groups_[static_cast<size_t>(g)].active - groups_[static_cast<size_t>(g)].active_cancelled;
-  return active + end_queued_members(g, &pending_finished_);
+  if (g < 0 || groups_[static_cast<size_t>(g)].settled) return 0;
+  return settle(g, &pending_finished_);
 }
 
 void Scheduler::report_answer(int64_t request_id, int64_t answer_key, double weight) {
@@ -189,10 +196,8 @@ bool Scheduler::cancel(int64_t request_id) {
     return true;
   }
   Sequence& s = slots_[static_cast<size_t>(location.slot)];
-  if (s.cancel_pending || (s.group >= 0 && groups_[static_cast<size_t>(s.group)].settled))
-    return false;  // already ending at its next row
-  s.cancel_pending = true;
-  if (s.group >= 0) ++groups_[static_cast<size_t>(s.group)].active_cancelled;
+  if (s.pending_end != StopReason::kNone) return false;  // already ending at its next row
+  s.pending_end = StopReason::kCancelled;
   return true;
 }
 
@@ -226,9 +231,11 @@ void Scheduler::end_active(int32_t slot, StopReason reason, std::vector<Finished
   requests_.erase(s.request_id);
   if (s.group >= 0) {
     Group& group = groups_[static_cast<size_t>(s.group)];
-    --group.active;
-    if (s.cancel_pending) --group.active_cancelled;
-    if (group.active == 0) {  // the wave is over: the next one may start
+    const int32_t moved = group.members.back();  // swap-remove from the members
+    group.members[static_cast<size_t>(s.member_index)] = moved;
+    slots_[static_cast<size_t>(moved)].member_index = s.member_index;
+    group.members.pop_back();
+    if (group.members.empty()) {  // the wave is over: the next one may start
       group.wave_count = 0;
       queue_.unpark(s.group);
     }
@@ -236,7 +243,7 @@ void Scheduler::end_active(int32_t slot, StopReason reason, std::vector<Finished
   }
   record_end(s.request_id, s.group, reason, s.max_new_tokens, s.tracker.finish(), out);
   s.rules.reset();
-  s.cancel_pending = false;
+  s.pending_end = StopReason::kNone;
   used_[static_cast<size_t>(slot)] = 0;
   free_slots_.push(slot);
 }
@@ -251,14 +258,15 @@ void Scheduler::admit_one(QueuedRequest request, std::vector<int32_t>* next_rows
   s.request_id = request.request_id;
   s.group = request.group;
   s.max_new_tokens = request.max_new_tokens;
-  s.cancel_pending = false;
+  s.pending_end = StopReason::kNone;
   s.rules = std::move(request.rules);
   s.tracker.start(s.rules.get(), request.max_new_tokens);
   requests_[request.request_id] = Location{slot, request.seq};
   if (request.group >= 0) {
     Group& group = groups_[static_cast<size_t>(request.group)];
     --group.queued;
-    ++group.active;
+    s.member_index = static_cast<int32_t>(group.members.size());
+    group.members.push_back(slot);
     ++group.wave_count;
   }
   next_rows->push_back(slot);
@@ -297,23 +305,40 @@ void Scheduler::step(const StepInput& in, StepPlanData* plan) {
   ++step_count_;
   plan->finished = std::move(pending_finished_);
   pending_finished_.clear();
+  plan->finished.reserve(plan->finished.size() + 16);
   plan->keep.clear();
   plan->admitted.clear();
+  plan->admitted.reserve(16);
   settle_dirty_groups(&plan->finished);
 
   const bool compact = options_.layout == Layout::kCompact;
-  std::vector<int32_t> next_rows;
-  next_rows.reserve(static_cast<size_t>(options_.capacity));
-  plan->keep.reserve(rows_.size());
+  // Outputs are written through raw pointers into vectors sized for a full
+  // batch, then trimmed: no capacity checks in the row loop.
+  const size_t capacity = static_cast<size_t>(options_.capacity);
+  std::vector<int32_t>& next_rows = next_rows_;
+  next_rows.resize(capacity);
+  plan->keep.resize(rows_.size());
+  plan->request_ids.resize(capacity);
+  plan->positions.resize(capacity);
+  int32_t* next_row = next_rows.data();
+  int64_t* keep = plan->keep.data();
+  int64_t* request_id = plan->request_ids.data();
+  int64_t* position = plan->positions.data();
+  size_t kept = 0;
+  // Rows are scattered over the slots and each row's state is a few cache
+  // lines plus its token and window buffers: fetch them ahead, in two stages
+  // (a sequence 8 rows ahead, then the buffers it points to 4 rows ahead).
+  constexpr int64_t kAhead = 8;
   for (int64_t r = 0; r < in.batch; ++r) {
+    if (r + kAhead < in.batch) {
+      const char* next = reinterpret_cast<const char*>(&slots_[static_cast<size_t>(rows_[static_cast<size_t>(r + kAhead)])]);
+      for (size_t line = 0; line < sizeof(Sequence); line += 64) __builtin_prefetch(next + line);
+    }
+    if (r + kAhead / 2 < in.batch) slots_[static_cast<size_t>(rows_[static_cast<size_t>(r + kAhead / 2)])].tracker.prefetch();
     const int32_t slot = rows_[static_cast<size_t>(r)];
     Sequence& s = slots_[static_cast<size_t>(slot)];
-    StopReason reason;
-    if (s.cancel_pending) {
-      reason = StopReason::kCancelled;  // this step's token is not appended
-    } else if (s.group >= 0 && groups_[static_cast<size_t>(s.group)].settled) {
-      reason = StopReason::kGroupConsensus;
-    } else {
+    StopReason reason = s.pending_end;  // cancelled or group settled: this step's token is not appended
+    if (reason == StopReason::kNone) {
       TokenSignals signals;
       signals.logprob = load<float>(in.signals[0], in.signal_strides[0], r);
       signals.entropy = load<float>(in.signals[1], in.signal_strides[1], r);
@@ -325,26 +350,36 @@ void Scheduler::step(const StepInput& in, StepPlanData* plan) {
       ++stats_.tokens_generated;
     }
     if (reason == StopReason::kNone) {
-      plan->keep.push_back(compact ? r : slot);
-      next_rows.push_back(slot);
+      keep[kept] = compact ? r : slot;
+      request_id[kept] = s.request_id;
+      position[kept] = s.tracker.num_tokens();
+      next_row[kept] = slot;
+      ++kept;
     } else {
       end_active(slot, reason, &plan->finished);
     }
   }
+  plan->keep.resize(kept);
+  next_rows.resize(kept);
+  plan->request_ids.resize(kept);
+  plan->positions.resize(kept);
 
-  const size_t kept = next_rows.size();
   admit(&next_rows, plan);
-  // slots: kept slots are increasing, and so are admitted ones (lowest free first)
-  if (!compact) std::inplace_merge(next_rows.begin(), next_rows.begin() + static_cast<std::ptrdiff_t>(kept), next_rows.end());
-  rows_.swap(next_rows);
-
-  plan->request_ids.resize(rows_.size());
-  plan->positions.resize(rows_.size());
-  for (size_t r = 0; r < rows_.size(); ++r) {
-    const Sequence& s = slots_[static_cast<size_t>(rows_[r])];
-    plan->request_ids[r] = s.request_id;
-    plan->positions[r] = s.tracker.num_tokens();
+  for (size_t r = kept; r < next_rows.size(); ++r) {
+    plan->request_ids.push_back(slots_[static_cast<size_t>(next_rows[r])].request_id);
+    plan->positions.push_back(0);
   }
+  if (!compact && next_rows.size() > kept && kept > 0) {
+    // slots: rows in slot order. Kept slots are increasing, and so are the
+    // admitted ones (lowest free first): merge the two runs.
+    std::inplace_merge(next_rows.begin(), next_rows.begin() + static_cast<std::ptrdiff_t>(kept), next_rows.end());
+    for (size_t r = 0; r < next_rows.size(); ++r) {
+      const Sequence& s = slots_[static_cast<size_t>(next_rows[r])];
+      plan->request_ids[r] = s.request_id;
+      plan->positions[r] = s.tracker.num_tokens();
+    }
+  }
+  rows_.swap(next_rows);
   if (compact) {
     plan->active.clear();
   } else {

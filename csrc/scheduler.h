@@ -115,19 +115,19 @@ class Scheduler {
 
  private:
   struct Sequence {
-    int64_t request_id = 0;
+    StopReason pending_end = StopReason::kNone;  // CANCELLED / GROUP_CONSENSUS at its next row
     int32_t group = -1;
+    int32_t member_index = -1;  // its place in groups_[group].members
+    int64_t request_id = 0;
     int64_t max_new_tokens = 0;
-    bool cancel_pending = false;
-    std::shared_ptr<const StopRules> rules;
     StopTracker tracker;
+    std::shared_ptr<const StopRules> rules;
   };
   struct Group {
     int64_t id = 0;
     int64_t priority = 0;  // shared by its queued members
     int64_t queued = 0;
-    int64_t active = 0;
-    int64_t active_cancelled = 0;  // active members with a pending cancel
+    std::vector<int32_t> members;  // slots of its active members
     int64_t wave_count = 0;        // members admitted in the current wave
     bool settled = false;
     bool dirty = false;  // votes or members changed: re-check the settle rule at the next step
@@ -143,7 +143,7 @@ class Scheduler {
   bool group_blocked(int32_t g) const;
   void mark_dirty(int32_t g);
   void settle_dirty_groups(std::vector<FinishedRecord>* out);
-  int64_t end_queued_members(int32_t g, std::vector<FinishedRecord>* out);
+  int64_t settle(int32_t g, std::vector<FinishedRecord>* out);
   void end_queued(QueuedRequest request, StopReason reason, std::vector<FinishedRecord>* out);
   void end_active(int32_t slot, StopReason reason, std::vector<FinishedRecord>* out);
   void record_end(int64_t request_id, int32_t g, StopReason reason, int64_t max_new_tokens, StopSummary summary,
@@ -159,6 +159,7 @@ class Scheduler {
   std::vector<uint8_t> used_;    // [capacity]
   std::priority_queue<int32_t, std::vector<int32_t>, std::greater<int32_t>> free_slots_;  // lowest first
   std::vector<int32_t> rows_;    // slot of each row of the next batch
+  std::vector<int32_t> next_rows_;  // scratch of step()
 
   AdmissionQueue queue_;
   std::function<bool(int32_t)> blocked_;

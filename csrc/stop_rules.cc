@@ -72,138 +72,66 @@ StopRules::StopRules(StopConfig config) : config_(std::move(config)) {
   std::sort(eos_sorted_.begin(), eos_sorted_.end());
   eos_sorted_.erase(std::unique(eos_sorted_.begin(), eos_sorted_.end()), eos_sorted_.end());
   matcher_ = StopSequenceMatcher(config_.stop_sequences);
+  has_stop_sequences_ = !matcher_.empty();
+  low_confidence_on_ = config_.low_conf_threshold.has_value();
+  confident_on_ = config_.confident_steps > 0 &&
+                  (config_.confident_entropy_below.has_value() || config_.confident_margin_above.has_value());
+  first_evaluated_token_ = std::max<int64_t>(config_.min_new_tokens, 1);
 }
 
-bool StopRules::is_eos(int64_t token) const {
-  if (eos_sorted_.size() <= 8) {
-    for (int64_t id : eos_sorted_)
-      if (id == token) return true;
-    return false;
-  }
+bool StopRules::is_eos_search(int64_t token) const {
   return std::binary_search(eos_sorted_.begin(), eos_sorted_.end(), token);
 }
 
 void StopTracker::start(const StopRules* rules, int64_t max_new_tokens) {
+  const StopConfig& config = rules->config();
   rules_ = rules;
   max_new_tokens_ = max_new_tokens;
   tokens_.clear();
   tokens_.reserve(static_cast<size_t>(std::min<int64_t>(max_new_tokens, 256)));
-  const bool record = rules->config().record_signals;
-  for (auto& r : recorded_) {
-    r.clear();
-    if (record) r.reserve(tokens_.capacity());
+  if (config.record_signals) {
+    if (!recorded_) recorded_.reset(new std::vector<float>[kNumRecorded]);
+    for (int i = 0; i < kNumRecorded; ++i) {
+      recorded_[i].clear();
+      recorded_[i].reserve(tokens_.capacity());
+    }
   }
-  num_valid_ = 0;
-  sum_topk_conf_ = sum_logprob_ = sum_neg_entropy_ = sum_signal_ = 0;
-  ring_.assign(static_cast<size_t>(std::min(rules->config().window, max_new_tokens)), 0.0f);
+  ring_storage_.assign(static_cast<size_t>(std::min(config.window, max_new_tokens)), 0.0f);
+  ring_ = ring_storage_.data();
+  ring_pos_ = 0;
+  automaton_state_ = StopSequenceMatcher::kStart;
   window_sum_ = 0;
-  min_window_mean_ = 0;
-  evaluated_ = false;
-  last_entropy_ = 0;
+  sum_topk_conf_ = sum_logprob_ = sum_neg_entropy_ = sum_signal_ = 0;
   confident_streak_ = 0;
+  min_window_mean_ = 0;
+  last_entropy_ = 0;
+  evaluated_ = false;
+  invalid_ = false;
+  would_stop_reason_ = StopReason::kNone;
   steps_below_ = 0;
   would_stop_step_ = -1;
-  would_stop_reason_ = StopReason::kNone;
-  automaton_state_ = StopSequenceMatcher::kStart;
-}
-
-StopReason StopTracker::on_token(int64_t token, const TokenSignals& s) {
-  const StopConfig& config = rules_->config();
-  tokens_.push_back(token);
-  const int64_t n = static_cast<int64_t>(tokens_.size());
-  if (config.record_signals) {
-    recorded_[kRecTopkConf].push_back(s.topk_conf);
-    recorded_[kRecLogprob].push_back(s.logprob);
-    recorded_[kRecEntropy].push_back(s.entropy);
-    recorded_[kRecConfidence].push_back(s.confidence);
-    recorded_[kRecMargin].push_back(s.margin);
-  }
-  if (s.status != 0 || std::isnan(s.logprob) || std::isnan(s.entropy) || std::isnan(s.confidence) ||
-      std::isnan(s.margin) || std::isnan(s.topk_conf))
-    return StopReason::kInvalidLogits;  // its placeholder signals stay out of the sums
-
-  // Running state.
-  num_valid_ = n;
-  const float neg_entropy = -s.entropy;
-  sum_topk_conf_ += s.topk_conf;
-  sum_logprob_ += s.logprob;
-  sum_neg_entropy_ += neg_entropy;
-  float value = s.topk_conf;
-  switch (config.low_conf_signal) {
-    case ConfSignal::kTopkConf: value = s.topk_conf; break;
-    case ConfSignal::kLogprob: value = s.logprob; break;
-    case ConfSignal::kConfidence: value = s.confidence; break;
-    case ConfSignal::kMargin: value = s.margin; break;
-    case ConfSignal::kNegEntropy: value = neg_entropy; break;
-  }
-  sum_signal_ += value;
-  const int64_t window = config.window;
-  const size_t pos = static_cast<size_t>((n - 1) % window);
-  if (n > window) {
-    window_sum_ = window_sum_ - static_cast<double>(ring_[pos]) + static_cast<double>(value);
-  } else {
-    window_sum_ += value;
-  }
-  ring_[pos] = value;
-  if (n % window == 0) {  // re-derive: the running sum never drifts
-    double exact = 0;
-    for (float v : ring_) exact += v;
-    window_sum_ = exact;
-  }
-  last_entropy_ = s.entropy;
-  const bool confident_on = rules_->confident_on();
-  if (confident_on) {
-    const bool calm = (!config.confident_entropy_below || static_cast<double>(s.entropy) < *config.confident_entropy_below) &&
-                      (!config.confident_margin_above || static_cast<double>(s.margin) > *config.confident_margin_above);
-    confident_streak_ = calm ? confident_streak_ + 1 : 0;
-  }
-
-  // The rules, in order; the first that fires ends the sequence.
-  if (rules_->is_eos(token)) return StopReason::kEos;
-  if (rules_->has_stop_sequences() && rules_->matcher().advance(automaton_state_, token))
-    return StopReason::kStopSequence;
-  if (n >= max_new_tokens_) return StopReason::kMaxTokens;
-  if (n < rules_->first_evaluated_token()) return StopReason::kNone;
-
-  const double window_mean = window_sum_ / static_cast<double>(std::min(n, window));
-  if (!evaluated_ || window_mean < min_window_mean_) min_window_mean_ = window_mean;
-  evaluated_ = true;
-  if (config.low_conf_threshold && window_mean < *config.low_conf_threshold) {
-    ++steps_below_;
-    if (!config.shadow) return StopReason::kLowConfidence;
-    if (would_stop_step_ < 0) {
-      would_stop_step_ = n;
-      would_stop_reason_ = StopReason::kLowConfidence;
-    }
-  }
-  if (confident_on && confident_streak_ >= config.confident_steps) {
-    if (!config.shadow) return StopReason::kConfident;
-    if (would_stop_step_ < 0) {
-      would_stop_step_ = n;
-      would_stop_reason_ = StopReason::kConfident;
-    }
-  }
-  return StopReason::kNone;
 }
 
 StopSummary StopTracker::finish() {
   StopSummary out;
   const StopConfig& config = rules_->config();
+  const int64_t num_valid = num_tokens() - (invalid_ ? 1 : 0);
   out.num_tokens = num_tokens();
   out.tokens = std::move(tokens_);
-  out.mean_topk_conf = mean_or_nan(sum_topk_conf_, num_valid_);
-  out.mean_logprob = mean_or_nan(sum_logprob_, num_valid_);
-  out.mean_neg_entropy = mean_or_nan(sum_neg_entropy_, num_valid_);
-  out.mean_signal = mean_or_nan(sum_signal_, num_valid_);
+  out.mean_topk_conf = mean_or_nan(sum_topk_conf_, num_valid);
+  out.mean_logprob = mean_or_nan(sum_logprob_, num_valid);
+  out.mean_neg_entropy = mean_or_nan(sum_neg_entropy_, num_valid);
+  out.mean_signal = mean_or_nan(sum_signal_, num_valid);
   out.min_window_mean = evaluated_ ? min_window_mean_ : kNaN;
-  out.last_window_mean = mean_or_nan(window_sum_, std::min(num_valid_, config.window));
-  out.last_entropy = num_valid_ > 0 ? static_cast<double>(last_entropy_) : kNaN;
+  out.last_window_mean = mean_or_nan(window_sum_, std::min(num_valid, config.window));
+  out.last_entropy = num_valid > 0 ? static_cast<double>(last_entropy_) : kNaN;
   out.steps_below_threshold = steps_below_;
   out.would_stop_step = would_stop_step_;
   out.would_stop_reason = would_stop_reason_;
-  out.has_signals = config.record_signals;
-  if (out.has_signals)
-    for (int i = 0; i < kNumRecorded; ++i) out.signals[i] = std::move(recorded_[i]);
+  if (config.record_signals) {
+    out.signals.resize(kNumRecorded);
+    for (int i = 0; i < kNumRecorded; ++i) out.signals[static_cast<size_t>(i)] = std::move(recorded_[i]);
+  }
   tokens_ = std::vector<int64_t>();
   return out;
 }
@@ -212,7 +140,7 @@ StopSummary StopTracker::empty_summary(const StopRules& rules) {
   StopSummary out;
   out.mean_topk_conf = out.mean_logprob = out.mean_neg_entropy = out.mean_signal = kNaN;
   out.min_window_mean = out.last_window_mean = out.last_entropy = kNaN;
-  out.has_signals = rules.config().record_signals;
+  if (rules.config().record_signals) out.signals.resize(kNumRecorded);
   return out;
 }
 

@@ -5,6 +5,7 @@
 // Plain C++17: no pybind11, no torch.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -59,21 +60,34 @@ class StopRules {
   explicit StopRules(StopConfig config);
 
   const StopConfig& config() const { return config_; }
-  bool is_eos(int64_t token) const;
-  const StopSequenceMatcher& matcher() const { return matcher_; }
-  bool has_stop_sequences() const { return !matcher_.empty(); }
-  bool low_confidence_on() const { return config_.low_conf_threshold.has_value(); }
-  bool confident_on() const {
-    return config_.confident_steps > 0 &&
-           (config_.confident_entropy_below.has_value() || config_.confident_margin_above.has_value());
+  bool is_eos(int64_t token) const {
+    if (eos_sorted_.size() <= 4) {
+      for (int64_t id : eos_sorted_)
+        if (id == token) return true;
+      return false;
+    }
+    return is_eos_search(token);
   }
+  const StopSequenceMatcher& matcher() const { return matcher_; }
+  bool has_stop_sequences() const { return has_stop_sequences_; }
+  bool low_confidence_on() const { return low_confidence_on_; }
+  bool confident_on() const { return confident_on_; }
   // Confidence rules are evaluated from this many generated tokens on.
-  int64_t first_evaluated_token() const { return config_.min_new_tokens > 1 ? config_.min_new_tokens : 1; }
+  int64_t first_evaluated_token() const { return first_evaluated_token_; }
 
  private:
+  bool is_eos_search(int64_t token) const;
+
   StopConfig config_;
   std::vector<int64_t> eos_sorted_;  // sorted, unique
   StopSequenceMatcher matcher_;
+  // The config, flattened for the per-token path.
+  bool has_stop_sequences_ = false;
+  bool low_confidence_on_ = false;
+  bool confident_on_ = false;
+  int64_t first_evaluated_token_ = 1;
+
+  friend class StopTracker;
 };
 
 // The decode-step outputs of one row (DESIGN.md, "Stop signals").
@@ -106,8 +120,10 @@ struct StopSummary {
   int64_t steps_below_threshold = 0;  // evaluated steps whose window mean was < the threshold
   int64_t would_stop_step = -1;       // shadow mode: num_tokens at the first would-stop, else -1
   StopReason would_stop_reason = StopReason::kNone;
-  bool has_signals = false;                       // config.record_signals
-  std::vector<float> signals[kNumRecorded];       // one entry per generated token, raw values
+  // config.record_signals: kNumRecorded vectors (RecordedSignal order), one
+  // entry per generated token, raw values; empty otherwise.
+  std::vector<std::vector<float>> signals;
+  bool has_signals() const { return !signals.empty(); }
 };
 
 // The running stop state of one sequence. start() before the first token.
@@ -125,6 +141,12 @@ class StopTracker {
 
   int64_t num_tokens() const { return static_cast<int64_t>(tokens_.size()); }
 
+  // Asks the cache for what the next on_token() will touch outside this object.
+  void prefetch() const {
+    __builtin_prefetch(tokens_.data() + tokens_.size(), 1);
+    __builtin_prefetch(ring_ + ring_pos_, 1);
+  }
+
   // The summary of the sequence; moves the tokens and recorded signals out.
   StopSummary finish();
 
@@ -132,25 +154,114 @@ class StopTracker {
   static StopSummary empty_summary(const StopRules& rules);
 
  private:
+  // Hot fields first: a row's step touches the first few cache lines only.
   const StopRules* rules_ = nullptr;
-  int64_t max_new_tokens_ = 0;
   std::vector<int64_t> tokens_;
-  std::vector<float> recorded_[kNumRecorded];
-  int64_t num_valid_ = 0;  // tokens whose signals entered the sums
-  double sum_topk_conf_ = 0, sum_logprob_ = 0, sum_neg_entropy_ = 0, sum_signal_ = 0;
-  // Sliding window of the chosen signal: ring[(n - 1) % W] holds the value of
+  float* ring_ = nullptr;  // ring_storage_.data()
+  int64_t ring_pos_ = 0;   // (n - 1) % W for the next valid token n
+  int32_t automaton_state_ = StopSequenceMatcher::kStart;
+  int64_t max_new_tokens_ = 0;
+  // Sliding window of the chosen signal: ring_[(n - 1) % W] holds the value of
   // valid token n; window_sum_ is a running double sum, re-derived from the
   // ring (indices 0..W-1, in order) every W tokens so that it never drifts.
-  std::vector<float> ring_;
   double window_sum_ = 0;
-  double min_window_mean_ = 0;
-  bool evaluated_ = false;
-  float last_entropy_ = 0;
+  double sum_topk_conf_ = 0, sum_logprob_ = 0, sum_neg_entropy_ = 0, sum_signal_ = 0;
   int64_t confident_streak_ = 0;
+  double min_window_mean_ = 0;
+  float last_entropy_ = 0;
+  bool evaluated_ = false;
+  bool invalid_ = false;  // the last token's signals were invalid (and the sequence ended)
+  StopReason would_stop_reason_ = StopReason::kNone;
   int64_t steps_below_ = 0;
   int64_t would_stop_step_ = -1;
-  StopReason would_stop_reason_ = StopReason::kNone;
-  int32_t automaton_state_ = StopSequenceMatcher::kStart;
+  std::vector<float> ring_storage_;  // [min(W, max_new_tokens)]
+  std::unique_ptr<std::vector<float>[]> recorded_;  // [kNumRecorded], with record_signals only
 };
+
+// The per-token path, here so that it inlines into the scheduler's row loop.
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline StopReason StopTracker::on_token(int64_t token, const TokenSignals& s) {
+  const StopConfig& config = rules_->config();
+  tokens_.push_back(token);
+  const int64_t n = static_cast<int64_t>(tokens_.size());
+  if (config.record_signals) {
+    recorded_[kRecTopkConf].push_back(s.topk_conf);
+    recorded_[kRecLogprob].push_back(s.logprob);
+    recorded_[kRecEntropy].push_back(s.entropy);
+    recorded_[kRecConfidence].push_back(s.confidence);
+    recorded_[kRecMargin].push_back(s.margin);
+  }
+  // One branch for the six tests (x != x: NaN); no short circuit on purpose.
+  const bool invalid = (s.status != 0) | (s.logprob != s.logprob) | (s.entropy != s.entropy) |
+                       (s.confidence != s.confidence) | (s.margin != s.margin) | (s.topk_conf != s.topk_conf);
+  if (invalid) {
+    invalid_ = true;
+    return StopReason::kInvalidLogits;  // its placeholder signals stay out of the sums
+  }
+
+  // Running state.
+  const float neg_entropy = -s.entropy;
+  sum_topk_conf_ += s.topk_conf;
+  sum_logprob_ += s.logprob;
+  sum_neg_entropy_ += neg_entropy;
+  float value = s.topk_conf;
+  switch (config.low_conf_signal) {
+    case ConfSignal::kTopkConf: value = s.topk_conf; break;
+    case ConfSignal::kLogprob: value = s.logprob; break;
+    case ConfSignal::kConfidence: value = s.confidence; break;
+    case ConfSignal::kMargin: value = s.margin; break;
+    case ConfSignal::kNegEntropy: value = neg_entropy; break;
+  }
+  sum_signal_ += value;
+  const int64_t window = config.window;
+  if (n > window) {
+    window_sum_ = window_sum_ - static_cast<double>(ring_[ring_pos_]) + static_cast<double>(value);
+  } else {
+    window_sum_ += value;
+  }
+  ring_[ring_pos_] = value;
+  if (++ring_pos_ == window) {  // every W tokens: re-derive, so the running sum never drifts
+    ring_pos_ = 0;
+    double exact = 0;
+    for (float v : ring_storage_) exact += v;
+    window_sum_ = exact;
+  }
+  last_entropy_ = s.entropy;
+  const bool confident_on = rules_->confident_on();
+  if (confident_on) {
+    const bool calm = (!config.confident_entropy_below || static_cast<double>(s.entropy) < *config.confident_entropy_below) &&
+                      (!config.confident_margin_above || static_cast<double>(s.margin) > *config.confident_margin_above);
+    confident_streak_ = calm ? confident_streak_ + 1 : 0;
+  }
+
+  // The rules, in order; the first that fires ends the sequence.
+  if (rules_->is_eos(token)) return StopReason::kEos;
+  if (rules_->has_stop_sequences() && rules_->matcher().advance(automaton_state_, token))
+    return StopReason::kStopSequence;
+  if (n >= max_new_tokens_) return StopReason::kMaxTokens;
+  if (n < rules_->first_evaluated_token()) return StopReason::kNone;
+
+  const double window_mean = window_sum_ / static_cast<double>(std::min(n, window));
+  if (!evaluated_ || window_mean < min_window_mean_) min_window_mean_ = window_mean;
+  evaluated_ = true;
+  if (config.low_conf_threshold && window_mean < *config.low_conf_threshold) {
+    ++steps_below_;
+    if (!config.shadow) return StopReason::kLowConfidence;
+    if (would_stop_step_ < 0) {
+      would_stop_step_ = n;
+      would_stop_reason_ = StopReason::kLowConfidence;
+    }
+  }
+  if (confident_on && confident_streak_ >= config.confident_steps) {
+    if (!config.shadow) return StopReason::kConfident;
+    if (would_stop_step_ < 0) {
+      would_stop_step_ = n;
+      would_stop_reason_ = StopReason::kConfident;
+    }
+  }
+  return StopReason::kNone;
+}
 
 }  // namespace haltwise

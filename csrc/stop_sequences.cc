@@ -69,15 +69,7 @@ StopSequenceMatcher::StopSequenceMatcher(const std::vector<std::vector<int64_t>>
   }
 }
 
-int32_t StopSequenceMatcher::child(int32_t node, int64_t token) const {
-  const Node& n = nodes_[node];
-  const Edge* first = edges_.data() + n.first_edge;
-  const Edge* last = first + n.num_edges;
-  if (n.num_edges <= 8) {  // the common case: a linear scan beats a binary search
-    for (const Edge* e = first; e != last; ++e)
-      if (e->token == token) return e->target;
-    return -1;
-  }
+int32_t StopSequenceMatcher::child_search(const Edge* first, const Edge* last, int64_t token) {
   const Edge* found = std::lower_bound(first, last, token, [](const Edge& e, int64_t t) { return e.token < t; });
   return (found != last && found->token == token) ? found->target : -1;
 }

@@ -51,7 +51,17 @@ class StopSequenceMatcher {
     bool accept = false;    // a stop sequence ends here or at a node down the fail chain
   };
 
-  int32_t child(int32_t node, int64_t token) const;
+  int32_t child(int32_t node, int64_t token) const {
+    const Node& n = nodes_[node];
+    const Edge* first = edges_.data() + n.first_edge;
+    if (n.num_edges <= 8) {  // the common case: a short linear scan beats a binary search
+      for (uint32_t i = 0; i < n.num_edges; ++i)
+        if (first[i].token == token) return first[i].target;
+      return -1;
+    }
+    return child_search(first, first + n.num_edges, token);
+  }
+  static int32_t child_search(const Edge* first, const Edge* last, int64_t token);
 
   std::vector<Node> nodes_;
   std::vector<Edge> edges_;

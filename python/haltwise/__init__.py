@@ -2,6 +2,7 @@
 
 Public names live here and nowhere else.
 """
+from .scheduler import Finished, QueueFull, Scheduler, StepPlan, StopConfig, StopReason
 from .signals import BACKENDS, signals
 from .signals_types import (
     MAX_TOP_K_CONF,
@@ -16,11 +17,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "Finished",
     "MAX_TOP_K_CONF",
+    "QueueFull",
     "STATUS_NAN",
     "STATUS_NO_FINITE",
     "STATUS_OK",
     "STATUS_POSINF",
+    "Scheduler",
     "Signals",
+    "StepPlan",
+    "StopConfig",
+    "StopReason",
     "signals",
 ]

@@ -1,0 +1,1 @@
+"""Benchmark harnesses shared by bench/ (pytest-benchmark) and the `haltwise bench` CLI."""
