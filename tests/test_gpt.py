@@ -10,6 +10,15 @@ from haltwise.tasks import arith
 ATOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # these models are tiny: a second thread only adds contention (10x slower on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -17,12 +17,30 @@ def test_generate_problems_is_deterministic_per_seed():
 
 def test_problem_fields_agree():
     for p in arith.generate_problems(200, 0):
-        terms = [int(t[::-1]) for t in p.prompt.rstrip(":").split("+")]
+        body = p.prompt.rstrip(":")
+        for label in arith.LABELS:
+            body = body.replace(label, " ")
+        terms = [int(t[::-1]) for t in body.split()]
         assert sum(terms) == p.answer
         assert p.difficulty == len(terms)
         assert arith.MIN_TERMS <= p.difficulty <= arith.MAX_TERMS
         # one step "running+term=new;" per term after the first
         assert p.solution.count(";") == p.difficulty - 1
+        # every number of the solution is zero-padded to WIDTH digits, so digits line up
+        steps, final = p.solution.split("#")
+        for step in steps.rstrip(";").split(";"):
+            run, rest = step.split("+")
+            term, new = rest[1:].split("=")
+            assert len(run) == len(term) == len(new) == arith.WIDTH
+            assert int(run[::-1]) + int(term[::-1]) == int(new[::-1])
+        assert len(final) == arith.WIDTH
+
+
+def test_make_problem_example():
+    p = arith.make_problem([25, 130, 7])
+    assert p.prompt == "a52b031c7:"
+    assert p.solution == "52000+b03100=55100;55100+c70000=26100;#26100"
+    assert p.answer == 162 and p.difficulty == 3
 
 
 def test_difficulty_range_is_respected():
@@ -79,13 +97,15 @@ def test_tokenizer_round_trip():
 
 
 def test_decode_stops_at_eos_and_skips_pad_and_bos():
-    ids = [arith.BOS_ID, *arith.encode("12+3"), arith.PAD_ID, *arith.encode("4"), arith.EOS_ID, *arith.encode("99")]
-    assert arith.decode(ids) == "12+34"
+    ids = [arith.BOS_ID, *arith.encode("a12b3"), arith.PAD_ID, *arith.encode("4"), arith.EOS_ID, *arith.encode("99")]
+    assert arith.decode(ids) == "a12b34"
 
 
 def test_encode_rejects_unknown_characters():
     with pytest.raises(ValueError, match="encode"):
         arith.encode("12x3")
+    with pytest.raises(ValueError, match="encode"):
+        arith.encode("12 3")
 
 
 def test_format_training_example():
@@ -99,6 +119,7 @@ def test_format_training_example():
 @pytest.mark.parametrize(
     "text, expected",
     [
+        ("52000+b03100=55100;55100+c70000=26100;#26100", 162),
         ("52+031=551;551+7=261;#261", 162),
         ("#0", 0),
         ("#07", 70),  # LSD first: "07" is seventy
@@ -114,9 +135,10 @@ def test_extract_answer_good(text, expected):
     "text",
     [
         "",  # nothing
-        "52+031=551;551+7=261;",  # no answer mark
+        "52000+b03100=55100;55100+c70000=26100;",  # no answer mark
         "52+031=551;#",  # mark without digits
         "#26+1",  # junk after the digits
+        "#261c",
         "#2;",
         "#²",  # a unicode digit is not an ASCII digit
         "#12#",

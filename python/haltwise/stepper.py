@@ -124,8 +124,9 @@ class Stepper:
             offset=torch.from_numpy(self._positions).to(device),
             backend=self.backend,
         )
-        if device.type == "cpu":
-            tokens, host = sig.token.numpy(), sig
+        if device.type == "cpu":  # numpy views: the scheduler reads them faster than tensors
+            tokens = sig.token.numpy()
+            host = HostSignals(*(getattr(sig, f).numpy() for f in _FIELDS), status=sig.status.numpy())
         else:
             # The one host sync of the step: the scheduler needs the per-row
             # values. One float64 copy holds them all exactly (tokens < 2^53).

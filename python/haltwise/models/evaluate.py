@@ -14,9 +14,10 @@ per batch; finished rows are compacted out with ``KVCache.select_``). Reported:
 * AUROC of each per-token signal x trace score for "this trace is correct", pooled
   over all traces and within problems (mean over problems that have both right and
   wrong traces). Signals, all "higher = more confident", from the temperature-1
-  distribution p of the step's logits: ``topk_conf`` = (1/k) sum of the k largest
-  log p (k = min(20, vocab), the *negated* DeepConf token confidence, so higher =
-  more confident); ``logprob`` of the sampled token; ``neg_entropy`` = sum p log p;
+  distribution p of the step's logits: ``topk_conf`` = -(1/k) sum of the k largest
+  log p (k = min(20, vocab); the DeepConf token confidence: a peaked distribution
+  puts the other top-k tokens far down, so higher = more confident); ``logprob`` of
+  the sampled token; ``neg_entropy`` = sum p log p;
   ``confidence`` = max p; ``margin`` = p1 - p2. Trace scores: ``mean`` over the
   trace, ``window`` = lowest mean over a sliding window of 16 tokens (the whole-trace
   mean when shorter), ``tail`` = mean of the last 16 tokens.
@@ -34,7 +35,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from haltwise.models.gpt import GPT, load_pretrained
 from haltwise.tasks import arith
@@ -63,7 +63,7 @@ def token_signals(logits: torch.Tensor, tokens: torch.Tensor, top_k: int = TOP_K
     p = logp.exp()
     k = min(top_k, logp.shape[-1])
     top = logp.topk(max(k, 2), dim=-1).values  # [B, max(k, 2)] descending
-    topk_conf = top[:, :k].mean(-1)  # negated DeepConf confidence: higher = more confident
+    topk_conf = -top[:, :k].mean(-1)  # DeepConf token confidence: higher = more confident
     logprob = logp.gather(1, tokens[:, None])[:, 0]
     neg_entropy = (p * logp).sum(-1)
     confidence = top[:, 0].exp()
@@ -235,6 +235,11 @@ def evaluate(model: GPT, n_problems: int, k: int, seed: int, batch_size: int, ma
         "length_median": float(np.median(lengths)),
         "length_mean": float(lengths.mean()),
         "length_max": int(lengths.max()),
+        "length_percentiles": {str(q): float(np.percentile(lengths, q)) for q in (1, 5, 95, 99)},
+        "frac_shorter_than_30": float(np.mean(lengths < 30)),
+        "frac_hit_max_new": float(np.mean(lengths >= max_new)),
+        "mean_length_correct": float(lengths[correct].mean()) if correct.any() else math.nan,
+        "mean_length_wrong": float(lengths[~correct].mean()) if (~correct).any() else math.nan,
         "tokens": int(gen.n_tokens),
         "seconds": gen.seconds,
         "tokens_per_s": gen.n_tokens / gen.seconds,
@@ -251,7 +256,10 @@ def format_report(r: dict) -> str:
         f"EM majority@{r['traces_per_problem']:<2d}       {r['em_majority']:.3f}",
         f"pass@{r['traces_per_problem']:<2d}              {r['em_pass_at_k']:.3f}",
         f"no answer            {r['no_answer_frac']:.3f}",
-        f"generated tokens     min {r['length_min']}  median {r['length_median']:.0f}  mean {r['length_mean']:.1f}  max {r['length_max']}",
+        f"generated tokens     min {r['length_min']}  median {r['length_median']:.0f}  mean {r['length_mean']:.1f}  max {r['length_max']}"
+        f"  (p1 {r['length_percentiles']['1']:.0f}, p99 {r['length_percentiles']['99']:.0f}; "
+        f"<30: {r['frac_shorter_than_30']:.4f}, hit max_new: {r['frac_hit_max_new']:.4f}; "
+        f"mean right {r['mean_length_correct']:.1f}, wrong {r['mean_length_wrong']:.1f})",
         f"speed                {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']:.0f} tokens/s",
         "by difficulty (terms): "
         + "  ".join(

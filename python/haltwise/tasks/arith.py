@@ -2,17 +2,21 @@
 
 Every number is written least-significant digit first ("LSD first"), because a
 left-to-right decoder then produces each digit of a sum after the digits and the
-carry it depends on. ``52+031+7`` therefore means 25 + 130 + 7.
+carry it depends on. The prompt labels the terms with letters a, b, c, ...:
+``a52b031c7:`` is 25 + 130 + 7.
 
 A problem and its solution, as text::
 
-    prompt    52+031+7:
-    solution  52+031=551;551+7=261;#261
+    prompt    a52b031c7:
+    solution  52000+b03100=55100;55100+c70000=26100;#26100
 
 The solution adds the terms one at a time, each step written as
-``running+next=new_running;``, and ends with the final answer after ``#``
-(still LSD first: ``#261`` is the integer 162). The model's generation is the
-solution followed by EOS.
+``running+<label>next=new_running;`` with every number zero-padded to WIDTH = 5
+digits (on the right, since the digits are LSD first), so digit i of a sum sits at a
+fixed distance from digit i of both operands, and the label in front of the copied
+term points at it in the prompt (an induction-head copy rather than counting terms).
+It ends with the final answer after ``#`` (still LSD first and padded: ``#26100`` is
+the integer 162). The model's generation is the solution followed by EOS.
 
 Seeds and disjointness
 ----------------------
@@ -20,7 +24,7 @@ Seeds and disjointness
 (a string seed is hashed with SHA-512, so the stream does not depend on
 ``PYTHONHASHSEED`` or the platform). Training uses seeds >= 0. The held-out
 ``eval_set`` uses its own seed string ``"haltwise-arith/eval"``, which no integer
-seed can produce, and ``training_batches`` additionally drops every problem whose
+seed can produce, and ``training_problems`` additionally drops every problem whose
 prompt appears among the eval prompts (``is_eval_prompt``), so the training stream
 can never contain an eval prompt even by chance collision.
 """
@@ -47,6 +51,10 @@ __all__ = [
     "training_problems",
     "extract_answer",
     "format_training_example",
+    "make_problem",
+    "prompt_ids",
+    "WIDTH",
+    "LABELS",
     "MIN_TERMS",
     "MAX_TERMS",
     "MIN_DIGITS",
@@ -61,7 +69,8 @@ PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
 ANSWER_MARK = "#"
-VOCAB: list[str] = ["<pad>", "<bos>", "<eos>", *"0123456789", "+", "=", ";", ":", ANSWER_MARK]
+LABELS = "abcdefghi"  # term labels, so at most 9 terms
+VOCAB: list[str] = ["<pad>", "<bos>", "<eos>", *"0123456789", "+", "=", ";", ":", ANSWER_MARK, *LABELS]
 _CHAR_TO_ID = {ch: i for i, ch in enumerate(VOCAB) if i > EOS_ID}
 
 
@@ -106,29 +115,33 @@ MIN_DIGITS, MAX_DIGITS = 3, 4  # digits per term, drawn per term
 
 @dataclass(frozen=True)
 class Problem:
-    prompt: str  # e.g. "52+031+7:" (terms LSD first, ends with ":")
+    prompt: str  # e.g. "a52b031c7:" (labelled terms, LSD first, ends with ":")
     answer: int  # the exact sum, e.g. 162
-    solution: str  # chain of thought + final answer, e.g. "52+031=551;551+7=261;#261"
+    solution: str  # chain of thought + final answer, e.g. "52000+b03100=55100;55100+c70000=26100;#26100"
     difficulty: int  # number of terms
 
 
-def _lsd(n: int) -> str:
-    """Decimal digits of n >= 0, least-significant first: 162 -> '261'."""
-    return str(n)[::-1]
+WIDTH = MAX_DIGITS + 1  # digits of every number in the solution: a sum of <= 9 terms of MAX_DIGITS fits
+
+
+def _lsd(n: int, width: int = 0) -> str:
+    """Decimal digits of n >= 0, least-significant first, zero-padded to ``width``: (162, 5) -> '26100'."""
+    return str(n)[::-1].ljust(width, "0")
 
 
 def make_problem(terms: list[int]) -> Problem:
     """The Problem for a list of non-negative integer terms (at least 2)."""
-    if len(terms) < 2 or any(t < 0 for t in terms):
-        raise ValueError(f"make_problem: terms must be >= 2 non-negative ints, got {terms!r}")
-    prompt = "+".join(_lsd(t) for t in terms) + ":"
+    if not 2 <= len(terms) <= len(LABELS) or any(t < 0 for t in terms):
+        raise ValueError(f"make_problem: terms must be 2..{len(LABELS)} non-negative ints, got {terms!r}")
+    prompt = "".join(label + _lsd(t) for label, t in zip(LABELS, terms)) + ":"
+    width = max(WIDTH, len(str(sum(terms))))
     steps = []
     running = terms[0]
-    for t in terms[1:]:
+    for label, t in zip(LABELS[1:], terms[1:]):
         new = running + t
-        steps.append(f"{_lsd(running)}+{_lsd(t)}={_lsd(new)};")
+        steps.append(f"{_lsd(running, width)}+{label}{_lsd(t, width)}={_lsd(new, width)};")
         running = new
-    solution = "".join(steps) + ANSWER_MARK + _lsd(running)
+    solution = "".join(steps) + ANSWER_MARK + _lsd(running, width)
     return Problem(prompt=prompt, answer=running, solution=solution, difficulty=len(terms))
 
 
