@@ -12,6 +12,7 @@ from .signals_types import (
     STATUS_POSINF,
     Signals,
 )
+from .stepper import StepOutput, Stepper
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,9 @@ __all__ = [
     "STATUS_POSINF",
     "Scheduler",
     "Signals",
+    "StepOutput",
     "StepPlan",
+    "Stepper",
     "StopConfig",
     "StopReason",
     "signals",

@@ -34,8 +34,12 @@ def _bench_scheduler(args) -> int:
 
 
 def _bench_decode(args) -> int:
+    import torch
+
     from .benchmarks.decode import DecodeBenchConfig, bench_decode, format_table, plot
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = DecodeBenchConfig(problems=args.problems, traces=args.traces, capacity=args.capacity,
                             temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens,
                             throughput_problems=args.throughput_problems)
@@ -55,6 +59,31 @@ def _bench_decode(args) -> int:
         plot(args.plot, payload["runs"], payload["sweep"], payload["runs"][0]["tokens"])
         print(f"wrote {args.plot}")
     _write_json(args.json, payload)
+    return 0
+
+
+def _record(args) -> int:
+    from tqdm import tqdm
+
+    from .benchmarks.decode import DecodeBenchConfig, bank_from_run, bundled_setup
+    from .decoding.parallel import EarlyStopSettings, ParallelSampler
+
+    cfg = DecodeBenchConfig(problems=args.problems, traces=args.traces, temperature=args.temperature, seed=args.seed,
+                            capacity=args.capacity)
+    setup = bundled_setup(cfg, args.weights)
+    cfg, problems, task = setup["cfg"], setup["problems"], setup["task"]
+    sampler = ParallelSampler(setup["runner_factory"], task, capacity=cfg.capacity, temperature=cfg.temperature,
+                              seed=cfg.seed)
+    settings = EarlyStopSettings(name="record", traces=cfg.traces, max_new_tokens=cfg.max_new_tokens,
+                                 record_signals=True)
+    with tqdm(total=len(problems) * cfg.traces, unit="trace", disable=args.no_progress) as bar:
+        run = sampler.run(problems, settings, progress=bar.update)
+    meta = {"temperature": cfg.temperature, "seed": cfg.seed, "traces": cfg.traces, "problems": len(problems),
+            "source": "haltwise record (bundled model, eval set)", "max_new_tokens": cfg.max_new_tokens}
+    bank = bank_from_run(run, [task.difficulty(p) for p in problems], meta)
+    bank.save(args.out)
+    print(f"wrote {args.out}: {len(problems)} problems x {cfg.traces} traces, {run.tokens} tokens, "
+          f"vote EM {run.em:.3f}, single-trace EM {run.em_single:.3f}, {run.loop.wall_s:.0f} s")
     return 0
 
 
@@ -82,7 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--problems-file", metavar="JSONL",
                        help='decode: your problems, one {"prompt": str, "answer": int} per line')
     bench.add_argument("--bank-out", metavar="PATH", help="decode: save run (a)'s traces as a trace bank")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    record = sub.add_parser("record", help="sample uncut traces with their signals into a trace bank (npz)")
+    record.add_argument("--out", required=True, metavar="PATH")
+    record.add_argument("--problems", type=int, default=200)
+    record.add_argument("--traces", type=int, default=32)
+    record.add_argument("--capacity", type=int, default=512)
+    record.add_argument("--temperature", type=float, default=1.0)
+    record.add_argument("--seed", type=int, default=0)
+    record.add_argument("--weights", metavar="PATH", help="safetensors weights (default: the bundled model)")
+    record.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -91,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         handler = {"decode": _bench_decode, "signals": _bench_signals, "scheduler": _bench_scheduler}[args.suite]
         return handler(args)
+    if args.command == "record":
+        return _record(args)
     return 2
 
 

@@ -144,7 +144,11 @@ class Attention(nn.Module):
             vc[rows, :, pos] = v[rows, :, cols].to(vc.dtype)
             keys = kc[:, :, :n_keys].to(q.dtype)  # [B, H, K, D]
             vals = vc[:, :, :n_keys].to(q.dtype)
-            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask)  # [B, H, T, D]
+            if T == 1:  # decode: plain matmuls beat SDPA's masked CPU path ~1.5x at this size
+                scores = (q @ keys.transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, 1, K]
+                y = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1) @ vals  # [B, H, 1, D]
+            else:
+                y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
         return self.proj(y)
 

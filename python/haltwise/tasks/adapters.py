@@ -11,6 +11,15 @@ from typing import Callable, Sequence
 from . import arith
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def answer_key(value: int | None) -> int | None:
+    """An extracted answer as a vote key: votes and the scheduler hold int64,
+    so a (malformed) answer outside that range counts as no answer."""
+    return value if value is not None and _INT64_MIN <= value <= _INT64_MAX else None
+
+
 class ArithTask:
     """The bundled task: prompt ids, answer extraction, reference answer."""
 
@@ -20,7 +29,7 @@ class ArithTask:
         return arith.prompt_ids(problem)
 
     def answer_of(self, token_ids: Sequence[int]) -> int | None:
-        return arith.extract_answer(arith.decode(token_ids))
+        return answer_key(arith.extract_answer(arith.decode(token_ids)))
 
     def reference(self, problem: arith.Problem) -> int:
         return problem.answer
@@ -74,7 +83,7 @@ class JsonlTask:
         return self.encode(problem.prompt)
 
     def answer_of(self, token_ids: Sequence[int]) -> int | None:
-        return last_integer(self.decode(token_ids))
+        return answer_key(last_integer(self.decode(token_ids)))
 
     def reference(self, problem: JsonlProblem) -> int:
         return problem.answer
