@@ -1,10 +1,11 @@
 // A small pool of worker threads that sleep (never spin) between jobs.
 //
-// Why not OpenMP: torch ships its own OpenMP runtime; two runtimes in one
-// process each spin-wait after a parallel region and starve each other (a
-// 32x32 torch matmul measured 22 ms instead of ~10 us here). Sleeping
-// workers cost a futex wake-up (~tens of us) per job, which only jobs that
-// are worth splitting pay.
+// Why not OpenMP: torch ships its own OpenMP runtime, and a second one in the
+// same process keeps its workers spinning after each parallel region, taking
+// cores from torch's threads (on a 2-core machine, a spinning pool is exactly
+// the oversubscription that made torch ops here 100x slower under load). These
+// workers sleep between jobs; a job pays a futex wake-up (~tens of us), which
+// only calls big enough to split pay.
 #pragma once
 
 #include <cstdint>
