@@ -48,6 +48,7 @@ def _bench_decode(args) -> int:
         from .decoding.hf_runner import hf_setup
 
         kwargs = hf_setup(args.model, args.problems_file, cfg)
+        cfg = kwargs.pop("cfg")
     payload = bench_decode(cfg, progress=not args.no_progress, bank_path=args.bank_out, weights=args.weights, **kwargs)
     print(format_table(payload["runs"]))
     if "throughput" in payload:

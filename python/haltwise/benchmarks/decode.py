@@ -49,6 +49,9 @@ class DecodeBenchConfig:
 
 
 def default_runs(cfg: DecodeBenchConfig) -> list[EarlyStopSettings]:
+    if cfg.traces < 2:
+        raise ValueError(f"haltwise bench: --traces must be >= 2 (warm-up plus cut traces), got {cfg.traces}")
+    cfg = replace(cfg, warmup=min(cfg.warmup, cfg.traces - 1))
     base = EarlyStopSettings(traces=cfg.traces, signal=cfg.signal, window=cfg.window,
                              max_new_tokens=cfg.max_new_tokens)
     return [
