@@ -56,29 +56,43 @@ def test_window_means_brute_force():
         np.testing.assert_allclose(window_means(values, window), expected, rtol=1e-12)
 
 
+def feed(values, threshold, window, min_new):
+    """Runs one sequence with these logprobs through the live scheduler."""
+    sched = Scheduler(1)
+    sched.submit(0, max_new_tokens=len(values), stop=StopConfig(
+        low_conf_signal="logprob", low_conf_threshold=threshold, window=window, min_new_tokens=min_new))
+    sched.step(np.zeros(0, np.int64), HostSignals.zeros(0))
+    for v in values:
+        zeros = HostSignals.zeros(1)
+        plan = sched.step(np.array([5]), HostSignals(np.array([v], np.float32), zeros.entropy, zeros.confidence,
+                                                     zeros.margin, zeros.topk_conf, zeros.status))
+        if plan.finished:
+            return plan.finished[0]
+    raise AssertionError("the sequence never ended")
+
+
 @pytest.mark.parametrize("window,min_new", [(4, 0), (4, 6), (8, 3), (1, 1)])
 def test_replay_matches_the_live_scheduler(window, min_new):
     rng = np.random.default_rng(window * 10 + min_new)
     values = rng.normal(-1.0, 0.8, size=60).astype(np.float32)
     lowest = lowest_window_mean(values, window=window, min_new_tokens=min_new)
+    uncut = feed(values, None, window, min_new)
+    assert uncut.reason == StopReason.MAX_TOKENS and uncut.min_window_mean == pytest.approx(lowest, rel=1e-9)
     for threshold in (lowest - 1e-3, lowest + 1e-3, float(np.median(values))):
-        sched = Scheduler(1)
-        sched.submit(0, max_new_tokens=60, stop=StopConfig(low_conf_signal="logprob", low_conf_threshold=threshold,
-                                                            window=window, min_new_tokens=min_new))
-        sched.step(np.zeros(0, np.int64), HostSignals.zeros(0))
-        n = 0
-        while True:
-            sig = HostSignals.zeros(1)
-            sig = HostSignals(np.array([values[n]]), sig.entropy, sig.confidence, sig.margin, sig.topk_conf, sig.status)
-            plan = sched.step(np.array([5]), sig)
-            n += 1
-            if plan.finished:
-                record = plan.finished[0]
-                break
+        record = feed(values, threshold, window, min_new)
         expected = cut_length(values, threshold, window=window, min_new_tokens=min_new)
         if expected is None:
             assert record.reason == StopReason.MAX_TOKENS
         else:
             assert record.reason == StopReason.LOW_CONFIDENCE and record.num_tokens == expected
-        assert math.isclose(record.min_window_mean, lowest_window_mean(values[: record.num_tokens], window=window,
-                                                                       min_new_tokens=min_new), rel_tol=1e-9)
+            assert record.min_window_mean == pytest.approx(lowest_window_mean(
+                values[: record.num_tokens], window=window, min_new_tokens=min_new, last_evaluated=True), rel=1e-9)
+
+
+def test_the_last_token_of_a_finished_trace_never_cuts():
+    # Only the last window mean is low: the token that ends the trace (here
+    # MAX_TOKENS) is checked first, so neither the scheduler nor the replay cuts.
+    values = np.array([-0.1] * 9 + [-50.0], dtype=np.float32)
+    assert cut_length(values, -1.0, window=4, min_new_tokens=0) is None
+    assert feed(values, -1.0, 4, 0).reason == StopReason.MAX_TOKENS
+    assert lowest_window_mean(values, window=4, min_new_tokens=0) == pytest.approx(-0.1)

@@ -2,6 +2,7 @@
 
 Public names live here and nowhere else.
 """
+from .policy import Policy, PolicyConfig
 from .scheduler import Finished, QueueFull, Scheduler, StepPlan, StopConfig, StopReason
 from .signals import BACKENDS, signals
 from .signals_types import (
@@ -20,6 +21,8 @@ __all__ = [
     "BACKENDS",
     "Finished",
     "MAX_TOP_K_CONF",
+    "Policy",
+    "PolicyConfig",
     "QueueFull",
     "STATUS_NAN",
     "STATUS_NO_FINITE",

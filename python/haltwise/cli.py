@@ -66,12 +66,12 @@ def _bench_decode(args) -> int:
 def _record(args) -> int:
     from tqdm import tqdm
 
-    from .benchmarks.decode import DecodeBenchConfig, bank_from_run, bundled_setup
+    from .benchmarks.decode import DecodeBenchConfig, bank_from_run, bank_problems, bundled_setup
     from .decoding.parallel import EarlyStopSettings, ParallelSampler
 
     cfg = DecodeBenchConfig(problems=args.problems, traces=args.traces, temperature=args.temperature, seed=args.seed,
                             capacity=args.capacity)
-    setup = bundled_setup(cfg, args.weights)
+    setup = bundled_setup(cfg, args.weights, problems=bank_problems(args.problems))
     cfg, problems, task = setup["cfg"], setup["problems"], setup["task"]
     sampler = ParallelSampler(setup["runner_factory"], task, capacity=cfg.capacity, temperature=cfg.temperature,
                               seed=cfg.seed)
@@ -80,7 +80,7 @@ def _record(args) -> int:
     with tqdm(total=len(problems) * cfg.traces, unit="trace", disable=args.no_progress) as bar:
         run = sampler.run(problems, settings, progress=bar.update)
     meta = {"temperature": cfg.temperature, "seed": cfg.seed, "traces": cfg.traces, "problems": len(problems),
-            "source": "haltwise record (bundled model, eval set)", "max_new_tokens": cfg.max_new_tokens}
+            "source": "haltwise record (bundled model, bank problem stream)", "max_new_tokens": cfg.max_new_tokens}
     bank = bank_from_run(run, [task.difficulty(p) for p in problems], meta)
     bank.save(args.out)
     print(f"wrote {args.out}: {len(problems)} problems x {cfg.traces} traces, {run.tokens} tokens, "
@@ -115,9 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    from .policy.cli import add_policy_subcommands
+
+    add_policy_subcommands(sub)  # `haltwise policy show DB`, `haltwise replay`
+
     record = sub.add_parser("record", help="sample uncut traces with their signals into a trace bank (npz)")
     record.add_argument("--out", required=True, metavar="PATH")
-    record.add_argument("--problems", type=int, default=200)
+    record.add_argument("--problems", type=int, default=256, help="problems of the bank stream (never eval prompts)")
     record.add_argument("--traces", type=int, default=32)
     record.add_argument("--capacity", type=int, default=512)
     record.add_argument("--temperature", type=float, default=1.0)
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "handler"):  # subcommands that carry their own handler (policy, replay)
+        return args.handler(args)
     if args.command == "bench":
         handler = {"decode": _bench_decode, "signals": _bench_signals, "scheduler": _bench_scheduler}[args.suite]
         return handler(args)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scheduler import Scheduler, StepPlan
+from .scheduler import Scheduler, StepPlan, StopConfig
 from .signals import signals
 from .signals_types import Signals
 
 _FIELDS = ("logprob", "entropy", "confidence", "margin", "topk_conf")
+TRACE_STRIDE = 1024  # a policy request of K > 1 traces: trace k is scheduler request request_id * TRACE_STRIDE + k
 
 
 def row_seeds(base_seed: int, request_ids: np.ndarray) -> np.ndarray:
@@ -77,12 +78,39 @@ class Stepper:
     (k of the DeepConf confidence), seed (mixed with each request id; the noise
     of a token is keyed by (request, position), so runs are reproducible and a
     request samples the same tokens whatever else is in the batch), backend of
-    :func:`haltwise.signals`.
+    :func:`haltwise.signals`, policy (a :class:`haltwise.Policy` that plans
+    each request :meth:`submit` admits).
     """
 
+    def submit(self, request_id: int, *, max_new_tokens: int, key=None, stop: StopConfig = StopConfig(),
+               priority: int = 0):
+        """Queue a request. Without a policy: one sequence with `stop`; returns None.
+
+        With a policy: ``policy.plan(request_id, key, base=stop)`` decides its
+        StopConfig (the threshold in force; uncut with signals kept for control
+        and warm-up requests; shadowed cuts) and its number of traces K; the K
+        traces are scheduler requests ``request_id * TRACE_STRIDE + k`` in group
+        ``request_id`` (just ``request_id`` when K = 1). Returns the Plan; report
+        the finished traces with ``policy.observe(request_id, records, answers)``.
+        """
+        if self.policy is None:
+            self.scheduler.submit(request_id, max_new_tokens=max_new_tokens, priority=priority, stop=stop)
+            return None
+        plan = self.policy.plan(request_id, key, base=stop)
+        if plan.traces == 1:
+            self.scheduler.submit(request_id, max_new_tokens=max_new_tokens, priority=priority, stop=plan.stop)
+            return plan
+        if plan.traces > TRACE_STRIDE:
+            raise ValueError(f"Stepper.submit: a plan may have at most {TRACE_STRIDE} traces, got {plan.traces}")
+        for k in range(plan.traces):
+            self.scheduler.submit(request_id * TRACE_STRIDE + k, max_new_tokens=max_new_tokens, priority=priority,
+                                  group=request_id, stop=plan.stop)
+        return plan
+
     def __init__(self, scheduler: Scheduler, *, temperature: float = 0.0, top_k_conf: int = 20, seed: int = 0,
-                 backend: str = "auto"):
+                 backend: str = "auto", policy=None):
         self.scheduler = scheduler
+        self.policy = policy  # a haltwise.Policy: plans what submit() queues
         self.temperature = temperature
         self.top_k_conf = top_k_conf
         self.seed = seed

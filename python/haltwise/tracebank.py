@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 SIGNALS = ("topk_conf", "logprob", "entropy", "confidence", "margin")
+BUNDLED_BANK = Path(__file__).resolve().parent / "data" / "arith_bank.npz"  # written by `haltwise record`
 NO_ANSWER = np.iinfo(np.int64).min  # stored in `answers` where a trace gave no parseable answer
 
 
@@ -127,20 +128,31 @@ def window_means(values: np.ndarray, window: int) -> np.ndarray:
     return (csum[n] - csum[lo]) / (n - lo)
 
 
-def cut_length(values: np.ndarray, threshold: float, *, window: int, min_new_tokens: int) -> int | None:
+def _evaluated_means(values: np.ndarray, window: int, min_new_tokens: int, last_evaluated: bool) -> np.ndarray:
+    """Window means at the steps where the scheduler evaluates the confidence
+    rules: n >= max(1, min_new_tokens), and not the last token of a trace that
+    a token rule ended (EOS, stop sequence, max tokens fire before them)."""
+    means = window_means(values, window)
+    end = len(means) if last_evaluated else len(means) - 1
+    return means[max(1, min_new_tokens) - 1: end]
+
+
+def cut_length(values: np.ndarray, threshold: float, *, window: int, min_new_tokens: int,
+               last_evaluated: bool = False) -> int | None:
     """The token count at which LOW_CONFIDENCE would cut a trace with these
     per-token values (oriented: higher = more confident), or None if never:
-    the first n >= max(1, min_new_tokens) whose window mean < threshold."""
-    means = window_means(values, window)
-    start = max(1, min_new_tokens) - 1
-    below = np.flatnonzero(means[start:] < threshold)
-    return int(start + below[0] + 1) if below.size else None
+    the first evaluated n whose window mean < threshold. `values` is a whole
+    uncut trace whose last token ended it (last_evaluated=False), as in a bank."""
+    start = max(1, min_new_tokens)
+    below = np.flatnonzero(_evaluated_means(values, window, min_new_tokens, last_evaluated) < threshold)
+    return int(start + below[0]) if below.size else None
 
 
-def lowest_window_mean(values: np.ndarray, *, window: int, min_new_tokens: int) -> float:
+def lowest_window_mean(values: np.ndarray, *, window: int, min_new_tokens: int, last_evaluated: bool = False) -> float:
     """min over the evaluated steps of the window mean (NaN if none): a
-    threshold t cuts the trace iff this is < t."""
-    means = window_means(values, window)[max(1, min_new_tokens) - 1:]
+    threshold t cuts the trace iff this is < t; the scheduler's
+    Finished.min_window_mean of the same trace."""
+    means = _evaluated_means(values, window, min_new_tokens, last_evaluated)
     return float(means.min()) if means.size else math.nan
 
 

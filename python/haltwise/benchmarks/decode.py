@@ -4,6 +4,7 @@ On the same problems and seeds it runs
   (a) no early stopping: K traces per problem, majority vote;
   (b) DeepConf online: warm-up traces set each problem's LOW_CONFIDENCE threshold, the rest are cut;
   (c) (b) plus waves and group consensus: a settled vote drops the problem's remaining traces;
+  (d) the adaptive policy (haltwise.policy), calibrated on the shipped trace bank (bundled task only);
 and reports tokens, tokens saved vs (a), vote EM (with the standard error of
 the paired EM difference), single-trace EM, tokens/s and wall time. Because
 noise is keyed by (request, position), a trace cut in (b)/(c) is a prefix of
@@ -162,21 +163,54 @@ def throughput_check(sampler: ParallelSampler, problems, cfg: DecodeBenchConfig)
             "ratio": results["haltwise"] / results["plain"]}
 
 
-def bundled_setup(cfg: DecodeBenchConfig, weights: str | None = None) -> dict:
-    """The bundled model and eval set; max_new_tokens is capped so prompt +
-    trace fit the model's context."""
+BANK_STREAM = "bank"  # the problems of the shipped trace bank: their own stream, no eval prompt
+
+
+def bank_problems(n: int):
+    """The bundled bank's problems: drawn from their own seed stream and never
+    an eval-set prompt, so a policy calibrated on the bank is evaluated on
+    problems it has not seen."""
+    from ..tasks import arith
+
+    return [p for p in arith.generate_problems(2 * n, BANK_STREAM) if not arith.is_eval_prompt(p.prompt)][:n]
+
+
+def bundled_setup(cfg: DecodeBenchConfig, weights: str | None = None, problems=None) -> dict:
+    """The bundled model and (by default) the eval set; max_new_tokens is
+    capped so prompt + trace fit the model's context."""
     from ..models.gpt import load_pretrained
     from ..tasks import arith
     from ..tasks.adapters import ArithTask
 
     model, config = load_pretrained(weights)
     torch.set_grad_enabled(False)
-    problems = arith.eval_set(cfg.problems)
+    problems = problems if problems is not None else arith.eval_set(cfg.problems)
     max_prompt = max(len(arith.prompt_ids(p)) for p in problems)
     cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, config.max_seq_len - max_prompt))
     max_len = max_prompt + cfg.max_new_tokens
     return dict(cfg=cfg, problems=problems, task=ArithTask(),
                 runner_factory=lambda capacity: GPTRunner(model, capacity, max_len=max_len))
+
+
+def adaptive_policy_run(cfg: DecodeBenchConfig) -> Callable:
+    """Run "(d) adaptive policy": a Policy calibrated on the shipped trace bank
+    (its own problem stream, never eval prompts: labelled control requests
+    with every candidate threshold replayed), then serving the benchmark's
+    problems, one policy request per problem, learning from their labels as
+    it goes (haltwise.policy.sampling.run_adaptive). Bundled task only."""
+
+    def run(sampler: ParallelSampler, problems, baseline: RunResult, progress=None) -> RunResult:
+        from ..policy import Policy, PolicyConfig
+        from ..policy.sampling import calibrate_from_bank, run_adaptive
+        from ..tracebank import BUNDLED_BANK
+
+        bank = TraceBank.load(BUNDLED_BANK)
+        policy = Policy(PolicyConfig(traces=cfg.traces, signal=cfg.signal, window=cfg.window))
+        calibrate_from_bank(policy, bank, key=lambda p: f"terms{bank.difficulty[p]}")
+        return run_adaptive(sampler, problems, policy, key=lambda problem: f"terms{problem.difficulty}",
+                            max_new_tokens=cfg.max_new_tokens, request_offset=bank.num_problems, progress=progress)
+
+    return run
 
 
 def bench_decode(cfg: DecodeBenchConfig, *, problems=None, task=None, runner_factory: Callable | None = None,
@@ -188,6 +222,7 @@ def bench_decode(cfg: DecodeBenchConfig, *, problems=None, task=None, runner_fac
     if problems is None or task is None or runner_factory is None:
         setup = bundled_setup(cfg, weights)
         cfg, problems, task, runner_factory = setup["cfg"], setup["problems"], setup["task"], setup["runner_factory"]
+        extra_runs = [*extra_runs, adaptive_policy_run(cfg)]
     sampler = ParallelSampler(runner_factory, task, capacity=cfg.capacity, temperature=cfg.temperature,
                               seed=cfg.seed, top_k_conf=20)
     runs = list(runs or default_runs(cfg))
@@ -197,7 +232,9 @@ def bench_decode(cfg: DecodeBenchConfig, *, problems=None, task=None, runner_fac
         with tqdm(total=total, desc=settings.name, unit="trace", disable=not progress, leave=False) as bar:
             results.append(sampler.run(problems, settings, progress=bar.update))
     for extra in extra_runs:
-        results.append(extra(sampler, problems, results[0]))
+        with tqdm(total=len(problems) * cfg.traces, desc="extra run", unit="trace", disable=not progress,
+                  leave=False) as bar:
+            results.append(extra(sampler, problems, results[0], progress=bar.update))
     baseline = results[0]
     rows = [run_row(r, baseline) for r in results]
     payload = {"baseline": baseline.settings.name, "config": cfg.__dict__, "runs": rows}

@@ -204,10 +204,10 @@ class ParallelSampler:
         loop.run(on_finished)
 
         for problem in results:
+            problem.traces.sort(key=lambda t: t.trace)  # vote in trace order: ties go to the lower trace, as in replay
             voters = [t for t in problem.traces if t.votes]
             weights = [t.weight for t in voters] if settings.weighting == "confidence" else None
             problem.answer = weighted_vote([t.answer for t in voters], weights)
-            problem.traces.sort(key=lambda t: t.trace)
         return RunResult(settings=settings, problems=results, loop=loop.stats)
 
     @staticmethod

@@ -1,0 +1,177 @@
+"""`haltwise policy show DB` and `haltwise replay`: thin shells over
+Policy.report and policy.replay.run_replay.
+
+Hook into the main parser with :func:`add_policy_subcommands`; every
+subcommand sets ``args.handler`` (a function of the parsed args returning the
+exit code)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_policy_subcommands(subparsers) -> None:
+    """Adds ``policy`` (with ``show``) and ``replay`` to an argparse subparsers object."""
+    policy = subparsers.add_parser("policy", help="inspect a policy database")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    show = policy_sub.add_parser("show", help="current thresholds per bucket and the last changes")
+    show.add_argument("db", metavar="DB", help="the policy's SQLite file")
+    show.add_argument("--last", type=int, default=10, help="how many audit entries to print (default 10)")
+    show.add_argument("--json", action="store_true", help="print the report as JSON")
+    show.set_defaults(handler=_show)
+
+    replay = subparsers.add_parser("replay", help="evaluate a policy offline on a trace bank, as a request stream")
+    replay.add_argument("--bank", metavar="PATH", help="trace bank (.npz; default: the bundled arith bank)")
+    replay.add_argument("--synthetic", action="store_true",
+                        help="use a synthetic bank (haltwise.policy.synthetic) instead of --bank")
+    replay.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    replay.add_argument("--plot", metavar="PATH", help="PNG of EM and tokens over time with threshold and load")
+    replay.add_argument("--db", metavar="PATH", default=":memory:",
+                        help="keep the policy's SQLite database here (default: in memory)")
+    replay.add_argument("--epsilon", type=float, default=0.02)
+    replay.add_argument("--delta", type=float, default=0.1)
+    replay.add_argument("--epsilon-overload", type=float, default=0.05)
+    replay.add_argument("--traces", type=int, default=16, help="traces per request (<= the bank's)")
+    replay.add_argument("--signal", default="logprob")
+    replay.add_argument("--control-fraction", type=float, default=0.05)
+    replay.add_argument("--requests", type=int, default=20000)
+    replay.add_argument("--window", type=int, default=1000, help="requests per reported window")
+    replay.add_argument("--label-fraction", type=float, default=0.5)
+    replay.add_argument("--label-delay", type=int, default=200, help="requests between an answer and its label")
+    replay.add_argument("--labels", choices=["reference", "correct"], default="reference",
+                        help="labels carry the right answer (reference) or only right/wrong (correct)")
+    replay.add_argument("--bucket-by", choices=["difficulty", "none"], default="difficulty")
+    replay.add_argument("--shadow", action="append", default=[], metavar="KEY",
+                        help="run this bucket in shadow mode (repeatable)")
+    replay.add_argument("--seed", type=int, default=0)
+    replay.set_defaults(handler=_replay)
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def format_show(report: dict) -> str:
+    from .buckets import display_name
+
+    cfg = report["config"]
+    lines = [f"policy: {report['requests']} requests, {report['feedback']} feedback, "
+             f"overload {'ON' if report['overload'] else 'off'}; epsilon {cfg['epsilon']}, delta {cfg['delta']}, "
+             f"epsilon_overload {cfg['epsilon_overload']}, signal {cfg['signal']} (window {cfg['window']}), "
+             f"{cfg['traces']} traces, control {cfg['control_fraction']:.0%}", ""]
+    header = (f"{'bucket':<22} {'ready':>5} {'labelled/control':>16} {'threshold':>10} {'target':>10} "
+              f"{'overload':>16} {'warm-up':>7} {'shadow':>6}")
+    lines += [header, "-" * len(header)]
+    for name, b in report["buckets"].items():
+        overload = "-" if b["overload_threshold"] is None and b["overload_traces"] is None else \
+            f"{b['overload_traces']} x {_fmt(b['overload_threshold'])}"
+        lines.append(f"{display_name(name):<22} {'yes' if b['ready'] else 'no':>5} "
+                     f"{str(b['labeled']) + '/' + str(b['control']):>16} {_fmt(b['threshold']):>10} "
+                     f"{_fmt(b['target']):>10} {overload:>16} {b['warmup']:>7} {'on' if b['shadow'] else '':>6}")
+    for name, b in report["buckets"].items():
+        ev = b.get("last_eval") or {}
+        if ev.get("n"):
+            fail = ev.get("first_uncertified")
+            tail = "" if not fail else (f"; next candidate {_fmt(fail['threshold'])}: {fail['harms']} harms, "
+                                        f"{fail['helps']} helps, p = {_fmt(fail.get('p_value'))}")
+            lines.append(f"  {display_name(name)}: test {ev['test']} on {ev['n']} labelled control requests, "
+                         f"{ev['certified']} candidates certified, uncut EM {_fmt(ev.get('em_uncut'))}{tail}")
+        rows = b.get("candidates") or {}
+        if rows:
+            parts = []
+            for label in ("lower", "chosen", "higher"):
+                r = rows.get(label)
+                if r:
+                    value = f", value {r['value']:.4f}" if "value" in r else ""
+                    parts.append(f"{label} {_fmt(r['threshold'])}: EM {r['em']:.3f}, {r['tokens']:.0f} tok{value}")
+            lines.append("    " + " | ".join(parts))
+        shadow = b.get("shadow_summary")
+        if shadow:
+            lines.append(f"    shadow: {shadow['requests']} requests, would save {_fmt(shadow['saved'], '.1%')}, "
+                         f"answer changed in {_fmt(shadow['flip_rate'], '.1%')}; {shadow['labeled']} labelled: "
+                         f"EM change {_fmt(shadow['em_change'], '+.3f')} ({shadow['harms']} harms, "
+                         f"{shadow['helps']} helps; harm rate <= {_fmt(shadow['harm_rate_upper'])})")
+        served = b.get("served") or {}
+        if served.get("labeled_cut") or served.get("bad_reports_cut"):
+            lines.append(f"    served since last change: EM with a cut {_fmt(served['em_cut'])} "
+                         f"({served['labeled_cut']} labelled) vs uncut {_fmt(served['em_uncut'])} "
+                         f"({served['labeled_uncut']}); bad reports {served['bad_reports_cut']:.1f} vs "
+                         f"{served['bad_reports_uncut']:.1f}")
+    lines += ["", "last changes:"]
+    for c in report["changes"]:
+        lines.append(f"  #{c['seq']:<7} {display_name(c['bucket']):<18} {c['field']:<18} "
+                     f"{json.dumps(c['old'])[:28]:>28} -> {json.dumps(c['new'])[:28]:<28} {c['reason']}")
+    return "\n".join(lines)
+
+
+def _show(args) -> int:
+    from .policy import Policy
+
+    if not Path(args.db).exists():
+        print(f"haltwise policy show: DB {args.db} does not exist", file=sys.stderr)
+        return 2
+    policy = Policy.open(args.db)
+    try:
+        report = policy.report(last_changes=args.last)
+    finally:
+        policy.close()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_show(report))
+    return 0
+
+
+def _replay(args) -> int:
+    from ..tracebank import TraceBank
+    from .config import PolicyConfig
+    from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_payload, plot_report, run_replay
+    from .synthetic import synthetic_bank
+
+    if args.synthetic and args.bank:
+        print("haltwise replay: give --bank or --synthetic, not both", file=sys.stderr)
+        return 2
+    if args.synthetic:
+        bank = synthetic_bank(200, 32, seed=args.seed)
+        print("bank: synthetic (haltwise.policy.synthetic, 200 problems x 32 traces)")
+    else:
+        path = Path(args.bank) if args.bank else DEFAULT_BANK
+        if not path.exists():
+            print(f"haltwise replay: bank {path} does not exist (record one with `haltwise bench --bank-out PATH`, "
+                  f"or use --synthetic)", file=sys.stderr)
+            return 2
+        bank = TraceBank.load(path)
+        print(f"bank: {path} ({bank.num_problems} problems x {bank.traces_per_problem} traces)")
+    policy_config = PolicyConfig(epsilon=args.epsilon, delta=args.delta, epsilon_overload=args.epsilon_overload,
+                                 traces=args.traces, signal=args.signal, control_fraction=args.control_fraction)
+    stream = ReplayConfig(requests=args.requests, window=args.window, label_fraction=args.label_fraction,
+                          label_delay=args.label_delay, labels=args.labels, bucket_by=args.bucket_by, seed=args.seed)
+    report = run_replay(bank, policy_config, stream, db=args.db, shadow_keys=tuple(args.shadow))
+    print(format_report(report))
+    print(f"({report['seconds']['total']:.1f} s)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(json_payload(report), indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m haltwise.policy.cli``) until the main CLI hooks these in."""
+    parser = argparse.ArgumentParser(prog="haltwise")
+    add_policy_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""``PolicyConfig``: every knob of the policy layer, checked at construction,
+stored with the policy's database (a restarted policy runs with the config it
+was created with). The README's knob table is generated from
+:data:`KNOBS` (``python -m haltwise.policy.config``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from ..scheduler import CONF_SIGNALS, check_float, check_int
+from .ltt import TESTS, min_evidence
+
+_WHERE = "PolicyConfig"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs of :class:`haltwise.Policy` (see :data:`KNOBS` for one line on each)."""
+
+    # the accuracy budget
+    epsilon: float = 0.02
+    delta: float = 0.1
+    epsilon_overload: float = 0.05
+    test: str = "auto"
+    unlabeled: str = "skip"
+    # what a request runs
+    traces: int = 16
+    overload_traces: tuple[int, ...] = ()
+    signal: str = "logprob"
+    window: int = 16
+    min_new_tokens: Optional[int] = None
+    weighting: str = "majority"
+    # warm-up, candidates, start
+    warmup_requests: int = 8
+    keep_percent: float = 90.0
+    start: str = "deepconf"
+    grid_size: int = 40
+    grid_low: float = 0.01
+    grid_high: float = 0.9
+    # evidence
+    control_fraction: float = 0.05
+    control_boost: float = 0.25
+    min_evidence: Optional[int] = None
+    evidence_window: int = 1000
+    evaluate_every: int = 5
+    chain_starts: int = 3
+    seed: int = 0
+    # moves (hysteresis)
+    max_raise_steps: int = 4
+    raise_interval: int = 50
+    cooldown: int = 200
+    # load
+    slo_queue_depth: Optional[float] = 64.0
+    slo_p95_latency_s: Optional[float] = 2.0
+    slo_kv_utilization: Optional[float] = None
+    exit_fraction: float = 0.7
+    enter_after: int = 2
+    exit_after: int = 5
+    min_dwell: int = 10
+    # value
+    price_per_1k_tokens: Optional[float] = None
+    value_per_correct: Optional[float] = None
+    objective: str = "tokens"
+    # user-report guard
+    guard_z: float = 3.0
+    guard_min_requests: int = 50
+    # storage
+    synchronous: str = "FULL"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("epsilon", check_float(_WHERE, "epsilon", self.epsilon, 0.0, 1.0))
+        set_("delta", check_float(_WHERE, "delta", self.delta, 0.0, 1.0))
+        if not 0.0 < self.epsilon < 1.0 or not 0.0 < self.delta < 0.5:
+            raise ValueError(f"{_WHERE}: need 0 < epsilon < 1 and 0 < delta < 0.5, "
+                             f"got epsilon={self.epsilon}, delta={self.delta}")
+        set_("epsilon_overload", check_float(_WHERE, "epsilon_overload", self.epsilon_overload, 0.0, 1.0))
+        if self.epsilon_overload < self.epsilon:
+            raise ValueError(f"{_WHERE}: epsilon_overload must be >= epsilon ({self.epsilon}), "
+                             f"got {self.epsilon_overload}")
+        _choice("test", self.test, ("auto",) + TESTS)
+        _choice("unlabeled", self.unlabeled, ("skip", "worst_case"))
+        set_("traces", check_int(_WHERE, "traces", self.traces, 1, 4096))
+        if isinstance(self.overload_traces, (str, bytes)) or not hasattr(self.overload_traces, "__iter__"):
+            raise TypeError(f"{_WHERE}: overload_traces must be a sequence of ints, "
+                            f"got {type(self.overload_traces).__name__}")
+        options = tuple(check_int(_WHERE, "overload_traces[]", k, 1, self.traces) for k in self.overload_traces)
+        set_("overload_traces", tuple(sorted(set(options) - {self.traces}, reverse=True))
+             if options else ((max(1, self.traces // 2),) if self.traces > 1 else ()))
+        _choice("signal", self.signal, CONF_SIGNALS)
+        set_("window", check_int(_WHERE, "window", self.window, 1))
+        set_("min_new_tokens", self.window if self.min_new_tokens is None
+             else check_int(_WHERE, "min_new_tokens", self.min_new_tokens, 0))
+        _choice("weighting", self.weighting, ("majority", "confidence"))
+        set_("warmup_requests", check_int(_WHERE, "warmup_requests", self.warmup_requests, 1))
+        set_("keep_percent", check_float(_WHERE, "keep_percent", self.keep_percent, 0.0, 100.0))
+        if self.keep_percent == 0.0:
+            raise ValueError(f"{_WHERE}: keep_percent must be in (0, 100], got 0.0")
+        _choice("start", self.start, ("deepconf", "uncut"))
+        set_("grid_size", check_int(_WHERE, "grid_size", self.grid_size, 1, 1000))
+        set_("grid_low", check_float(_WHERE, "grid_low", self.grid_low, 0.0, 1.0))
+        set_("grid_high", check_float(_WHERE, "grid_high", self.grid_high, 0.0, 1.0))
+        if self.grid_low > self.grid_high:
+            raise ValueError(f"{_WHERE}: grid_low must be <= grid_high, got {self.grid_low} > {self.grid_high}")
+        set_("control_fraction", check_float(_WHERE, "control_fraction", self.control_fraction, 0.0, 1.0))
+        set_("control_boost", check_float(_WHERE, "control_boost", self.control_boost, 0.0, 1.0))
+        if self.control_boost < self.control_fraction:
+            raise ValueError(f"{_WHERE}: control_boost must be >= control_fraction ({self.control_fraction}), "
+                             f"got {self.control_boost}")
+        set_("chain_starts", check_int(_WHERE, "chain_starts", self.chain_starts, 1, 100))
+        if self.min_evidence is None:  # the least n with which a chain's test can certify anything
+            set_("min_evidence", min_evidence(self.epsilon, self.delta / self.chain_starts, "mcnemar"))
+        set_("min_evidence", check_int(_WHERE, "min_evidence", self.min_evidence, 1))
+        floor = min_evidence(self.epsilon, self.delta, "binomial")
+        if self.min_evidence < floor:
+            raise ValueError(f"{_WHERE}: min_evidence must be >= {floor}, the fewest labelled requests with which the "
+                             f"test can certify anything at epsilon={self.epsilon}, delta={self.delta}; "
+                             f"got {self.min_evidence}")
+        set_("evidence_window", check_int(_WHERE, "evidence_window", self.evidence_window, 1))
+        if self.evidence_window < self.min_evidence:
+            raise ValueError(f"{_WHERE}: evidence_window must be >= min_evidence ({self.min_evidence}), "
+                             f"got {self.evidence_window}")
+        set_("evaluate_every", check_int(_WHERE, "evaluate_every", self.evaluate_every, 1))
+        set_("seed", check_int(_WHERE, "seed", self.seed))
+        set_("max_raise_steps", check_int(_WHERE, "max_raise_steps", self.max_raise_steps, 1))
+        set_("raise_interval", check_int(_WHERE, "raise_interval", self.raise_interval, 0))
+        set_("cooldown", check_int(_WHERE, "cooldown", self.cooldown, 0))
+        for name in ("slo_queue_depth", "slo_p95_latency_s", "slo_kv_utilization"):
+            if getattr(self, name) is not None:
+                value = check_float(_WHERE, name, getattr(self, name), 0.0)
+                if value <= 0.0:
+                    raise ValueError(f"{_WHERE}: {name} must be > 0 or None, got {value}")
+                set_(name, value)
+        set_("exit_fraction", check_float(_WHERE, "exit_fraction", self.exit_fraction, 0.0, 1.0))
+        if not 0.0 < self.exit_fraction < 1.0:
+            raise ValueError(f"{_WHERE}: exit_fraction must be in (0, 1), got {self.exit_fraction}")
+        set_("enter_after", check_int(_WHERE, "enter_after", self.enter_after, 1))
+        set_("exit_after", check_int(_WHERE, "exit_after", self.exit_after, 1))
+        set_("min_dwell", check_int(_WHERE, "min_dwell", self.min_dwell, 0))
+        for name in ("price_per_1k_tokens", "value_per_correct"):
+            if getattr(self, name) is not None:
+                set_(name, check_float(_WHERE, name, getattr(self, name), 0.0))
+        _choice("objective", self.objective, ("tokens", "value"))
+        if self.objective == "value" and (self.price_per_1k_tokens is None or self.value_per_correct is None):
+            raise ValueError(f"{_WHERE}: objective='value' needs price_per_1k_tokens and value_per_correct, "
+                             f"got {self.price_per_1k_tokens} and {self.value_per_correct}")
+        set_("guard_z", check_float(_WHERE, "guard_z", self.guard_z, 0.0))
+        set_("guard_min_requests", check_int(_WHERE, "guard_min_requests", self.guard_min_requests, 1))
+        _choice("synchronous", self.synchronous, ("FULL", "NORMAL", "OFF"))
+
+    @property
+    def trace_options(self) -> tuple[int, ...]:
+        """K' values a control request is replayed with: traces first, then the overload options."""
+        return (self.traces,) + self.overload_traces
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PolicyConfig":
+        data = json.loads(text)
+        data["overload_traces"] = tuple(data.get("overload_traces", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{_WHERE}.from_json: unknown fields {unknown}")
+        return cls(**data)
+
+    def differences_from(self, other: "PolicyConfig") -> list[str]:
+        """Names of the fields whose values differ."""
+        return [f.name for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _choice(name: str, value, choices: tuple) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{_WHERE}: {name} must be a str, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{_WHERE}: {name} must be one of {choices}, got {value!r}")
+
+
+# (name, default shown, meaning) -- the README table.
+KNOBS: list[tuple[str, str]] = [
+    ("epsilon", "Accuracy budget: the EM of early-stopped answers may fall at most this much below the EM of "
+                "uncut answers."),
+    ("delta", "... with confidence 1 - delta (family-wise, per decision)."),
+    ("epsilon_overload", "The larger budget spent while the load monitor says overload."),
+    ("test", "'binomial' (harms only; right/wrong labels), 'mcnemar' (harms and helps; needs labels with the "
+             "reference answer) or 'auto' (mcnemar once labels carry references)."),
+    ("unlabeled", "'skip': control requests without a label stay out of the test (labels missing at random); "
+                  "'worst_case': they count as harmed wherever the answer changed (valid for any label selection)."),
+    ("traces", "Traces sampled per request (K) in normal operation."),
+    ("overload_traces", "Fewer-trace options tried under overload (default K // 2; (traces,) turns it off)."),
+    ("signal", "Oriented per-token signal of LOW_CONFIDENCE (logprob, neg_entropy, topk_conf, confidence, margin)."),
+    ("window", "Sliding window W of the group confidence."),
+    ("min_new_tokens", "No cut before this many tokens (default: window)."),
+    ("weighting", "Vote weighting: 'majority' or 'confidence' (exp mean logprob)."),
+    ("warmup_requests", "First requests of a new bucket that run uncut and calibrate it."),
+    ("keep_percent", "DeepConf start: the threshold keeps this percent of warm-up traces."),
+    ("start", "'deepconf' (the warm-up percentile until the bucket is certified) or 'uncut'."),
+    ("grid_size", "Candidate thresholds per bucket: this many warm-up quantiles plus as many evenly spaced values "
+                  "between the first and last."),
+    ("grid_low", "Quantile of warm-up lowest window means of the safest candidate."),
+    ("grid_high", "Quantile of the most aggressive candidate."),
+    ("control_fraction", "Share of requests that run uncut with signals kept (the control slice)."),
+    ("control_boost", "Control share while a bucket has fewer than min_evidence labelled control requests."),
+    ("min_evidence", "Labelled control requests before a bucket's own test replaces its parent's values (None: the "
+                     "least number with which one chain of the test can certify anything; 203 at the defaults)."),
+    ("evidence_window", "The test uses the bucket's most recent this-many control requests."),
+    ("evaluate_every", "Re-test a bucket after this many new pieces of evidence."),
+    ("chain_starts", "Fixed-sequence chains over the grid (start points 0, G/s, 2G/s, ...; each at delta / s), so "
+                     "one unlucky safe candidate cannot block the rest."),
+    ("seed", "Keys the control selection hash."),
+    ("max_raise_steps", "A threshold rises at most this many grid steps at a time ..."),
+    ("raise_interval", "... and at most once per this many requests; lowering is immediate."),
+    ("cooldown", "Requests after a lowering during which it may not rise again."),
+    ("slo_queue_depth", "Overload when the queue is deeper than this (None: ignore)."),
+    ("slo_p95_latency_s", "Overload when the p95 latency exceeds this (None: ignore)."),
+    ("slo_kv_utilization", "Overload when the KV-cache utilisation exceeds this (None: ignore)."),
+    ("exit_fraction", "Calm when every figure is below exit_fraction x its SLO."),
+    ("enter_after", "Consecutive overloaded observations to enter overload."),
+    ("exit_after", "Consecutive calm observations to leave it ..."),
+    ("min_dwell", "... and no sooner than this many observations after entering."),
+    ("price_per_1k_tokens", "Cost of 1k generated tokens, for the value report."),
+    ("value_per_correct", "Value of a right answer, for the value report."),
+    ("objective", "'tokens' (most saving certified threshold) or 'value' (highest expected value among the "
+                  "certified)."),
+    ("guard_z", "User-report guard: step back one notch when bad reports on cut answers exceed those on uncut "
+                "answers by this z-score."),
+    ("guard_min_requests", "Requests per side before the guard may fire."),
+    ("synchronous", "SQLite synchronous mode: FULL survives power loss, NORMAL survives process kills."),
+]
+
+
+def knob_table() -> str:
+    """The README's markdown table of knobs with their defaults."""
+    defaults = PolicyConfig()
+    lines = ["| knob | default | meaning |", "| --- | --- | --- |"]
+    for name, meaning in KNOBS:
+        lines.append(f"| `{name}` | `{getattr(defaults, name)!r}` | {meaning} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(knob_table())

@@ -1,0 +1,1111 @@
+"""``haltwise.Policy``: chooses the stop thresholds of each new request and
+moves them as evidence arrives, inside the operator's accuracy budget.
+
+It never touches the decode step. The caller asks it for a :class:`Plan` at
+admission, runs the request's traces with ``plan.stop`` (``plan.traces`` of
+them), reports the finished traces with :meth:`Policy.observe`, and later
+the labels (:meth:`Policy.feedback`) and serving figures
+(:meth:`Policy.observe_load`).
+
+How a threshold is chosen (see notes/policy.md for the guarantee):
+
+* Each request has a key naming a bucket (buckets.py: fallback rule).
+* A new bucket's first ``warmup_requests`` requests run uncut; the lowest
+  window means of their traces set the bucket's grid of candidate thresholds
+  and its DeepConf start threshold (calibration.py).
+* A random slice of requests (the control slice; ``control_boost`` while the
+  bucket is not ready, then ``control_fraction``) runs uncut with its
+  signals kept. Every candidate is replayed on those traces, so when labels
+  arrive each candidate has a paired EM difference on each labelled control
+  request. Learn-then-Test fixed-sequence testing (ltt.py) certifies the
+  candidates whose EM drop is at most epsilon with confidence 1 - delta; the
+  most token-saving certified one becomes the target.
+* The value in force moves toward the target: down at once, up by at most
+  ``max_raise_steps`` grid steps per ``raise_interval`` requests, never within
+  ``cooldown`` requests of a lowering (the hysteresis of the EM loop).
+* Under overload (load.py) the budget is ``epsilon_overload`` and fewer
+  traces per request may be certified as well; leaving overload returns to
+  the normal values at once.
+
+Every public call is one SQLite transaction (store.py): a restarted policy
+resumes exactly at the last call that returned. Thread-safe (one lock).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..scheduler import StopConfig, StopReason, check_bool, check_float, check_int
+from ..voting import weighted_vote
+from . import ltt
+from .buckets import BucketState, SliceCounts, needs_warmup, normalize_key, path_of, resolve
+from .calibration import (VOTING_REASONS, CandidateOutcomes, TraceProfile, candidate_outcomes, deepconf_index,
+                          differences, make_grid, quantile_levels, trace_profile)
+from .config import PolicyConfig
+from .cost import candidate_table
+from .load import LoadMonitor, LoadState
+from .shadow import summarize as summarize_shadow
+from .shadow import would_have
+from .store import SCHEMA_VERSION, Store
+
+KINDS = ("warmup", "control", "shadow", "policy")
+# The overload trace count changes only when another count's certified candidate is this much better (relative).
+_FAMILY_MARGIN = 0.05
+SOURCES = ("label", "user")
+# A control request's traces must have ended on their own for the replay to be exact.
+_NATURAL_ENDS = VOTING_REASONS | {StopReason.INVALID_LOGITS}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run for one request.
+
+    request_id: the caller's id
+    key:        the request's bucket ("" is the global one)
+    source:     the bucket whose values apply (None: no bucket could say)
+    how:        "certified" (source's own test), "deepconf" (source's warm-up
+                start, not yet certified) or "uncut"
+    kind:       "warmup" / "control" (run uncut, all traces, signals kept:
+                stop.record_signals is set), "shadow" (run uncut, the cut is
+                shadowed: stop.shadow is set) or "policy" (run as planned)
+    stop:       the StopConfig for every trace of the request
+    traces:     how many traces to sample
+    threshold:  the LOW_CONFIDENCE threshold in force (in shadow: the one
+                shadowed); None: no cut
+    overload:   whether the overload budget applies
+    epsilon:    the accuracy budget that certified it
+    """
+
+    request_id: int
+    key: str
+    source: str | None
+    how: str
+    kind: str
+    stop: StopConfig
+    traces: int
+    threshold: float | None
+    overload: bool
+    epsilon: float
+
+    @property
+    def control(self) -> bool:
+        """Run uncut, every trace to its natural end, and report all traces' signals."""
+        return self.kind in ("warmup", "control")
+
+    @property
+    def shadow(self) -> bool:
+        return self.kind == "shadow"
+
+
+@dataclass(frozen=True)
+class TraceOutcome:
+    """One finished trace, as the policy needs it.
+
+    answer:        the extracted answer (None: no parseable answer)
+    num_tokens:    tokens generated
+    reason:        its StopReason (it votes iff EOS, STOP_SEQUENCE, MAX_TOKENS or CONFIDENT)
+    signal:        float ``(num_tokens,)`` values of the policy's oriented
+                   signal (config.signal); required for warm-up and control plans
+    mean_logprob:  for confidence-weighted votes
+    would_stop_step, would_stop_reason: shadow mode records (Finished fields)
+    """
+
+    answer: int | None
+    num_tokens: int
+    reason: int
+    signal: np.ndarray | None = None
+    mean_logprob: float = math.nan
+    would_stop_step: int = -1
+    would_stop_reason: int | None = None
+
+    @classmethod
+    def from_finished(cls, record, answer: int | None, *, signal: str) -> "TraceOutcome":
+        """From a :class:`haltwise.Finished` record (with ``record_signals`` for
+        control plans) and the answer the caller extracted from its tokens."""
+        values = None
+        if getattr(record, "signals", None) is not None:
+            raw = record.signals
+            values = -np.asarray(raw["entropy"], np.float32) if signal == "neg_entropy" else \
+                np.asarray(raw[signal], np.float32)
+        reason = record.would_stop_reason
+        return cls(answer=answer, num_tokens=int(record.num_tokens), reason=int(record.reason), signal=values,
+                   mean_logprob=float(record.mean_logprob), would_stop_step=int(record.would_stop_step),
+                   would_stop_reason=None if reason is None else int(reason))
+
+
+@dataclass
+class _WindowStats:
+    """A bucket's evidence window, summed: per candidate (R, G + 1) harms,
+    helps, mean paired difference and mean tokens."""
+
+    n: int  # labelled control requests the test uses
+    control: int  # control requests in the window
+    test: str = ""
+    harms: np.ndarray | None = None
+    helps: np.ndarray | None = None
+    mean_d: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+    em_uncut: float = math.nan
+
+    def table(self, row: int, thresholds: list, cfg: PolicyConfig) -> list[dict]:
+        return candidate_table(self.em_uncut, self.mean_d[row], self.tokens[row], thresholds,
+                               price_per_1k_tokens=cfg.price_per_1k_tokens, value_per_correct=cfg.value_per_correct)
+
+
+@dataclass
+class _Evidence:
+    """One control request as evidence for one bucket."""
+
+    seq: int
+    outcomes: CandidateOutcomes
+    d: np.ndarray | None = None  # int8 (R, G + 1) paired differences; None while it does not count
+    right: bool | None = None  # the uncut answer was right (None: not known)
+    has_reference: bool = False
+
+
+def control_draw(seed: int, request_id: int) -> float:
+    """A uniform [0, 1) number from (seed, request_id) (splitmix64): the
+    control slice is every request whose draw is below the control share, a
+    selection independent of the request's content."""
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + request_id * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return (z >> 11) / float(1 << 53)
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+class Policy:
+    """The thin policy layer (module docstring).
+
+    Parameters
+    ----------
+    config: PolicyConfig | None
+        Knobs; None: the defaults, or the stored config of an existing database.
+    db: str | os.PathLike
+        SQLite file (WAL mode), or ":memory:" (nothing survives the process).
+        An existing file resumes where it stopped; a config that differs from
+        the stored one raises ValueError naming the fields.
+    clock: callable
+        Seconds since the epoch, for audit and feedback times only (decisions
+        never read the clock).
+
+    Example
+    -------
+    >>> import haltwise
+    >>> policy = haltwise.Policy(haltwise.PolicyConfig(traces=4, warmup_requests=1))
+    >>> plan = policy.plan(0, "arith/terms=3", base=haltwise.StopConfig(eos_ids=[2]))
+    >>> plan.kind, plan.traces, plan.stop.record_signals
+    ('warmup', 4, True)
+    """
+
+    def __init__(self, config: PolicyConfig | None = None, *, db=":memory:", clock=time.time):
+        if config is not None and not isinstance(config, PolicyConfig):
+            raise TypeError(f"Policy: config must be a haltwise.PolicyConfig or None, got {type(config).__name__}")
+        self._lock = threading.RLock()
+        self._clock = clock
+        probe = Store(db, clock=clock)
+        stored = probe.get_meta("config")
+        if stored is not None:
+            stored_config = PolicyConfig.from_json(stored)
+            if config is not None and config != stored_config:
+                probe.close()
+                raise ValueError(f"Policy: config differs from the one stored in {db} in "
+                                 f"{config.differences_from(stored_config)}; pass config=None to resume with it")
+            config = stored_config
+        config = config or PolicyConfig()
+        probe.close()
+        self.config = config
+        self.store = Store(db, synchronous=config.synchronous, clock=clock)
+        if stored is None:
+            with self.store.transaction():
+                self.store.set_meta("schema", SCHEMA_VERSION)
+                self.store.set_meta("config", config.to_json())
+                self.store.set_meta("seq", 0)
+                self.store.set_meta("load", LoadState().to_dict())
+        elif self.store.get_meta("schema") != SCHEMA_VERSION:
+            raise ValueError(f"Policy: {db} has schema {self.store.get_meta('schema')}, expected {SCHEMA_VERSION}")
+        self._levels = quantile_levels(config.grid_size, config.grid_low, config.grid_high)
+        self._load()
+
+    @classmethod
+    def open(cls, db, *, clock=time.time) -> "Policy":
+        """Resume the policy stored in `db` (an existing database), with its config."""
+        from pathlib import Path
+
+        if str(db) != ":memory:" and not Path(db).exists():
+            raise FileNotFoundError(f"Policy.open: db {db} does not exist")
+        policy = cls(None, db=db, clock=clock)
+        return policy
+
+    def close(self) -> None:
+        with self._lock:
+            self.store.close()
+
+    def __enter__(self) -> "Policy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- loading ----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """(Re)build the in-memory state from the database."""
+        cfg = self.config
+        self._seq = int(self.store.get_meta("seq", 0))
+        self._buckets = {name: BucketState.from_dict(state) for name, state in self.store.buckets().items()}
+        self._persisted = set(self._buckets)
+        self._monitor = LoadMonitor(
+            {"queue_depth": cfg.slo_queue_depth, "p95_latency_s": cfg.slo_p95_latency_s,
+             "kv_utilization": cfg.slo_kv_utilization},
+            exit_fraction=cfg.exit_fraction, enter_after=cfg.enter_after, exit_after=cfg.exit_after,
+            min_dwell=cfg.min_dwell, state=LoadState.from_dict(self.store.get_meta("load")))
+        self._evidence: dict[str, dict[int, _Evidence]] = {}
+        profiles_cache: dict[int, list[TraceProfile]] = {}
+        for name, bucket in self._buckets.items():
+            self._evidence[name] = {}
+            if not bucket.frozen:
+                continue
+            for rid in self.store.evidence_window(name, cfg.evidence_window):
+                row = self.store.request(rid)
+                if rid not in profiles_cache:
+                    profiles_cache[rid] = self._profiles_from_rows(self.store.traces(rid))
+                if profiles_cache[rid] is None:
+                    continue
+                entry = _Evidence(seq=row["seq"], outcomes=self._outcomes(bucket, profiles_cache[rid]))
+                self._label_entry(entry, row)
+                self._evidence[name][rid] = entry
+
+    def _profiles_from_rows(self, rows: list[dict]) -> list[TraceProfile] | None:
+        if not rows or any(r["signal"] is None or StopReason(r["reason"]) not in _NATURAL_ENDS for r in rows):
+            return None
+        cfg = self.config
+        return [trace_profile(r["signal"], reason=r["reason"], answer=r["answer"], window=cfg.window,
+                              min_new_tokens=cfg.min_new_tokens, mean_logprob=r["mean_logprob"]) for r in rows]
+
+    def _outcomes(self, bucket: BucketState, profiles: list[TraceProfile]) -> CandidateOutcomes:
+        return candidate_outcomes(profiles, np.asarray(bucket.grid), self.config.trace_options,
+                                  weighting=self.config.weighting)
+
+    # ---- planning ---------------------------------------------------------------------
+
+    def plan(self, request_id: int, key=None, *, base: StopConfig | None = None,
+             control: bool | None = None) -> Plan:
+        """The plan of a new request.
+
+        request_id: int, unique over the policy's life
+        key: the request's bucket: None / "" (global), "a/b" or ("a", "b")
+        base: the caller's StopConfig (EOS ids, stop sequences, ...); the
+            policy sets its low_conf_* fields, window, min_new_tokens, shadow
+            and record_signals
+        control: True forces a control plan (for replaying recorded uncut runs
+            whose problems are a random sample, e.g. a benchmark's no-cut run);
+            None: the control slice decides
+        """
+        request_id = check_int("plan", "request_id", request_id)
+        parts = normalize_key(key)
+        if base is None:
+            base = StopConfig()
+        if not isinstance(base, StopConfig):
+            raise TypeError(f"plan: base must be a haltwise.StopConfig or None, got {type(base).__name__}")
+        if control is not None:
+            control = check_bool("plan", "control", control)
+        with self._lock:
+            if self.store.request(request_id) is not None:
+                raise ValueError(f"plan: request_id {request_id} was already planned")
+            try:
+                with self.store.transaction():
+                    return self._plan(request_id, parts, base, control)
+            except BaseException:
+                self._load()
+                raise
+
+    def _bucket(self, name: str) -> BucketState:
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = BucketState(name=name)
+            self._buckets[name] = bucket
+            self._evidence[name] = {}
+        return bucket
+
+    def _plan(self, request_id: int, parts: tuple[str, ...], base: StopConfig, force_control: bool | None) -> Plan:
+        cfg = self.config
+        seq = self._seq
+        names = path_of(parts)
+        path = [self._bucket(name) for name in names]
+        overload = self._monitor.state.overload
+        changed = set()
+        for bucket in path:
+            if self._ramp(bucket, seq, overload):
+                changed.add(bucket.name)
+        warm = [b for b in path if needs_warmup(b, cfg.warmup_requests)]
+        u = control_draw(cfg.seed, request_id)
+        if force_control:
+            evidence_for = [b for b in path if b.frozen]
+        elif force_control is None:
+            evidence_for = [b for b in path
+                            if b.frozen and u < (cfg.control_fraction if b.ready else cfg.control_boost)]
+        else:
+            evidence_for = []
+        source, how = resolve(path)
+        shadow = any(b.shadow for b in path)
+        # the values of the source: normal (K traces) or, in overload once certified, the overload ones
+        traces, index = cfg.traces, -1
+        normal_index = source.normal.index if source is not None and (how == "certified" or
+                                                                      cfg.start == "deepconf") else -1
+        overload_values = overload and how == "certified" and any(b.ready and b.overload_ready for b in path)
+        if warm:
+            kind = "warmup"
+        elif evidence_for or force_control:
+            kind = "control"
+        elif shadow:
+            kind = "shadow"
+        else:
+            kind = "policy"
+        if kind == "policy" and overload_values:
+            # the overload values of the deepest ready bucket whose overload test has certified something
+            source = next(b for b in reversed(path) if b.ready and b.overload_ready)
+            traces, index = source.overload.traces, source.overload.index
+        elif kind in ("policy", "shadow"):
+            index = normal_index  # shadow shadows the normal threshold on all K traces
+        threshold = source.threshold_of(index) if source is not None else None
+        run_threshold = threshold if kind in ("policy", "shadow") else None
+        stop = dataclasses.replace(
+            base, low_conf_signal=cfg.signal, window=cfg.window, min_new_tokens=cfg.min_new_tokens,
+            low_conf_threshold=run_threshold, shadow=kind == "shadow" and run_threshold is not None,
+            record_signals=kind in ("warmup", "control") or base.record_signals)
+        epsilon = cfg.epsilon_overload if kind == "policy" and overload_values else cfg.epsilon
+        sliced = "cut" if kind == "policy" and (threshold is not None or traces < cfg.traces) else "uncut"
+        for bucket in warm:
+            bucket.warmup_planned.append(request_id)
+            changed.add(bucket.name)
+        for bucket in evidence_for:
+            self.store.add_evidence(bucket.name, request_id, seq)
+        self.store.add_request(dict(
+            request_id=request_id, seq=seq, bucket=names[-1], kind=kind,
+            source=None if source is None else source.name, how=how, traces=traces,
+            threshold=threshold, grid_index=index, overload=int(overload),
+            shadow=int(kind == "shadow"), sliced=sliced))
+        self._seq = seq + 1
+        self.store.set_meta("seq", self._seq)
+        for name in names:
+            if name in changed or name not in self._persisted:
+                self._persist(self._buckets[name])
+        return Plan(request_id=request_id, key=names[-1],
+                    source=None if source is None else source.name, how=how, kind=kind, stop=stop, traces=traces,
+                    threshold=threshold, overload=overload,
+                    epsilon=epsilon)
+
+    def _persist(self, bucket: BucketState) -> None:
+        self.store.put_bucket(bucket.name, bucket.to_dict())
+        self._persisted.add(bucket.name)
+
+    # ---- ramps (the hysteresis of the EM loop) ------------------------------------------
+
+    def _ramp(self, bucket: BucketState, seq: int, overload: bool) -> bool:
+        """Raise the value in force of the active mode toward its target, through
+        certified candidates only: to the most aggressive certified one at most
+        ``max_raise_steps`` grid steps up (or, when none is that close, the next
+        certified one), at most once per ``raise_interval`` requests and never
+        within ``cooldown`` requests of a lowering."""
+        cfg = self.config
+        if not bucket.ready:
+            return False
+        ramp = bucket.overload if (overload and bucket.overload_ready) else bucket.normal
+        if ramp.target <= ramp.index or seq < bucket.cooldown_until or \
+                seq - ramp.last_raise_seq < cfg.raise_interval:
+            return False
+        above = [c for c in ramp.certified if ramp.index < c <= ramp.target]
+        if not above:
+            return False
+        near = [c for c in above if c <= ramp.index + cfg.max_raise_steps]
+        old = ramp.index
+        ramp.index = max(near) if near else min(above)
+        ramp.last_raise_seq = seq
+        field = "overload_threshold" if ramp is bucket.overload else "threshold"
+        self.store.add_audit(seq, bucket.name, field, bucket.threshold_of(old), bucket.threshold_of(ramp.index),
+                             {"index": [old, ramp.index], "target": ramp.target, "traces": ramp.traces or cfg.traces,
+                              "jump": not near},
+                             f"raise toward the certified target through certified candidates (at most "
+                             f"{cfg.max_raise_steps} grid steps per {cfg.raise_interval} requests)")
+        self._reset_slices(bucket, seq)
+        return True
+
+    def _reset_slices(self, bucket: BucketState, seq: int) -> None:
+        bucket.slices = SliceCounts(since_seq=seq)
+
+    # ---- observing --------------------------------------------------------------------
+
+    def observe(self, request_id: int, traces: Sequence, answers: Sequence[int | None] | None = None) -> int | None:
+        """Report a request's finished traces (in trace order): TraceOutcome
+        objects, or haltwise.Finished records together with `answers` (the
+        answer extracted from each). Returns the answer the policy counts as
+        served: the vote of the traces that ended on their own."""
+        request_id = check_int("observe", "request_id", request_id)
+        if isinstance(traces, (str, bytes)) or not hasattr(traces, "__len__"):
+            raise TypeError(f"observe: traces must be a sequence, got {type(traces).__name__}")
+        outcomes = self._as_outcomes(traces, answers)
+        with self._lock:
+            row = self.store.request(request_id)
+            if row is None:
+                raise ValueError(f"observe: request_id {request_id} was never planned")
+            if row["observed"]:
+                raise ValueError(f"observe: request_id {request_id} was already observed")
+            if row["cancelled"]:
+                raise ValueError(f"observe: request_id {request_id} was cancelled")
+            if row["kind"] in ("warmup", "control"):
+                if len(outcomes) != row["traces"]:
+                    raise ValueError(f"observe: a {row['kind']} request must report all its {row['traces']} traces, "
+                                     f"got {len(outcomes)}")
+                missing = [i for i, t in enumerate(outcomes) if t.signal is None]
+                if missing:
+                    raise ValueError(f"observe: a {row['kind']} request needs every trace's signal "
+                                     f"(record_signals); traces {missing[:5]} have none")
+                bad = [i for i, t in enumerate(outcomes) if t.signal is not None and len(t.signal) != t.num_tokens]
+                if bad:
+                    i = bad[0]
+                    raise ValueError(f"observe: traces[{i}].signal must have num_tokens={outcomes[i].num_tokens} "
+                                     f"values, got {len(outcomes[i].signal)}")
+            try:
+                with self.store.transaction():
+                    return self._observe(row, outcomes)
+            except BaseException:
+                self._load()
+                raise
+
+    def _as_outcomes(self, traces: Sequence, answers) -> list[TraceOutcome]:
+        if answers is not None and len(answers) != len(traces):
+            raise ValueError(f"observe: answers must have one entry per trace ({len(traces)}), got {len(answers)}")
+        out = []
+        for i, t in enumerate(traces):
+            if isinstance(t, TraceOutcome):
+                if answers is not None:
+                    t = dataclasses.replace(t, answer=answers[i])
+                out.append(t)
+            elif hasattr(t, "num_tokens") and hasattr(t, "reason"):
+                if answers is None:
+                    raise ValueError("observe: Finished records need answers= (the answer of each trace)")
+                out.append(TraceOutcome.from_finished(t, answers[i], signal=self.config.signal))
+            else:
+                raise TypeError(f"observe: traces[{i}] must be a TraceOutcome or a haltwise.Finished, "
+                                f"got {type(t).__name__}")
+        for i, t in enumerate(out):
+            if t.answer is not None and not isinstance(t.answer, (int, np.integer)):
+                raise TypeError(f"observe: traces[{i}].answer must be an int or None, got {type(t.answer).__name__}")
+            if t.num_tokens < 0:
+                raise ValueError(f"observe: traces[{i}].num_tokens must be >= 0, got {t.num_tokens}")
+            try:
+                StopReason(int(t.reason))
+            except ValueError:
+                raise ValueError(f"observe: traces[{i}].reason must be a StopReason, got {t.reason!r}") from None
+        return out
+
+    def _vote(self, outcomes: Sequence[TraceOutcome]) -> int | None:
+        voters = [t for t in outcomes if StopReason(int(t.reason)) in VOTING_REASONS and t.answer is not None]
+        weights = [math.exp(t.mean_logprob) if not math.isnan(t.mean_logprob) else 0.0 for t in voters] \
+            if self.config.weighting == "confidence" else None
+        return weighted_vote([int(t.answer) for t in voters], weights)
+
+    def _observe(self, row: dict, outcomes: list[TraceOutcome]) -> int | None:
+        cfg = self.config
+        rid, kind = row["request_id"], row["kind"]
+        names = path_of(normalize_key(row["bucket"]))
+        path = [self._bucket(name) for name in names]
+        served = self._vote(outcomes)
+        tokens = sum(int(t.num_tokens) for t in outcomes)
+        cut = sum(StopReason(int(t.reason)) == StopReason.LOW_CONFIDENCE for t in outcomes)
+        update = dict(observed=1, served_answer=_optional_int(served), tokens=tokens, cut_traces=cut)
+        keep_signals = kind in ("warmup", "control")
+        keep_traces = keep_signals or kind == "shadow"
+        if kind == "shadow":
+            voting = [StopReason(int(t.reason)) in VOTING_REASONS for t in outcomes]
+            weights = [math.exp(t.mean_logprob) if not math.isnan(t.mean_logprob) else 0.0 for t in outcomes] \
+                if cfg.weighting == "confidence" else None
+            would = would_have(outcomes, [None if t.answer is None else int(t.answer) for t in outcomes], voting,
+                               weights)
+            update.update(would_answer=_optional_int(would.answer), would_tokens=would.tokens)
+        self.store.update_request(rid, **update)
+        row.update(update)
+        if keep_traces:
+            self.store.add_traces(rid, [dict(answer=_optional_int(t.answer), num_tokens=int(t.num_tokens),
+                                             reason=int(t.reason),
+                                             mean_logprob=None if math.isnan(t.mean_logprob) else t.mean_logprob,
+                                             would_stop_step=int(t.would_stop_step),
+                                             would_stop_reason=t.would_stop_reason,
+                                             signal=t.signal if keep_signals else None) for t in outcomes])
+        changed = set()
+        profiles: list[TraceProfile] = []
+        replayable = False  # every trace ended on its own: the replay of a cut is exact
+        if keep_signals:
+            # the policy works on the float16-rounded signals it stores, so a restarted process replays the same
+            profiles = [trace_profile(np.asarray(t.signal, np.float16), reason=int(t.reason), answer=t.answer,
+                                      window=cfg.window,
+                                      min_new_tokens=cfg.min_new_tokens, mean_logprob=t.mean_logprob)
+                        for t in outcomes]
+            replayable = all(StopReason(int(t.reason)) in _NATURAL_ENDS for t in outcomes)
+        # warm-up: collect, and freeze the grid when complete
+        for bucket in path:
+            if rid in bucket.warmup_planned and not bucket.frozen:
+                bucket.warmup_observed.append(rid)
+                bucket.warmup_lowests.extend(p.lowest for p in profiles)
+                changed.add(bucket.name)
+                if len(bucket.warmup_observed) >= cfg.warmup_requests:
+                    if any(not math.isnan(v) for v in bucket.warmup_lowests):
+                        self._freeze(bucket)
+                    else:  # every warm-up trace was shorter than min_new_tokens: nothing to calibrate on yet
+                        self.store.add_audit(self._seq, bucket.name, "grid", None, None,
+                                             {"warmup_requests": len(bucket.warmup_observed),
+                                              "min_new_tokens": cfg.min_new_tokens},
+                                             "warm-up traces too short for the confidence rules; warming up again")
+                        bucket.warmup_planned, bucket.warmup_observed, bucket.warmup_lowests = [], [], []
+        # control evidence
+        if keep_signals:
+            for name in self.store.evidence_buckets(rid):
+                bucket = self._buckets[name]
+                if not replayable or not bucket.frozen:
+                    continue
+                entry = _Evidence(seq=row["seq"], outcomes=self._outcomes(bucket, profiles))
+                self._label_entry(entry, row)
+                self._evidence[name][rid] = entry
+                self._prune(name)
+                bucket.pending_evidence += 1
+                changed.add(name)
+        # shadow, slices, and labels that arrived before this observation
+        for bucket in path:
+            if kind == "shadow" and bucket.shadow:
+                sc = bucket.shadow_counts
+                sc.requests += 1
+                sc.tokens_uncut += tokens
+                sc.tokens_would += row["would_tokens"]
+                sc.flips += int(row["would_answer"] != row["served_answer"])
+                changed.add(bucket.name)
+            if row["seq"] >= bucket.slices.since_seq:
+                if row["sliced"] == "cut":
+                    bucket.slices.cut_n += 1
+                else:
+                    bucket.slices.uncut_n += 1
+                changed.add(bucket.name)
+        if row["label"] is not None:
+            self._count_label(path, row)
+        if row["user_bad"]:
+            self._count_report(path, row, row["user_bad"])
+        for bucket in path:
+            if bucket.pending_evidence >= cfg.evaluate_every:
+                self._evaluate(bucket)
+            self._persist(bucket)
+        return served
+
+    def _freeze(self, bucket: BucketState) -> None:
+        cfg = self.config
+        grid = make_grid(bucket.warmup_lowests, self._levels)
+        bucket.grid = [float(t) for t in grid]
+        self._persist(bucket)
+        self.store.put_grid(bucket.name, bucket.grid)
+        bucket.frozen_seq = self._seq
+        bucket.deepconf_index = deepconf_index(bucket.warmup_lowests, cfg.keep_percent, grid)
+        start = bucket.deepconf_index if cfg.start == "deepconf" else -1
+        bucket.normal.index = bucket.normal.target = start
+        traces = len(bucket.warmup_lowests)
+        bucket.warmup_lowests = []  # the grid holds what they said; keep the state small
+        self.store.add_audit(self._seq, bucket.name, "grid", None, bucket.grid,
+                             {"warmup_requests": len(bucket.warmup_observed), "traces": traces,
+                              "levels": [cfg.grid_low, cfg.grid_high, cfg.grid_size]},
+                             "warm-up done: candidate thresholds are quantiles of the warm-up traces' lowest "
+                             "window means")
+        self.store.add_audit(self._seq, bucket.name, "threshold", None, bucket.threshold_of(start),
+                             {"keep_percent": cfg.keep_percent, "index": start, "traces": traces},
+                             "DeepConf start (not certified)" if cfg.start == "deepconf" else "start uncut")
+
+    def _prune(self, name: str) -> None:
+        entries = self._evidence[name]
+        limit = self.config.evidence_window
+        if len(entries) > 2 * limit:
+            keep = sorted(entries, key=lambda rid: entries[rid].seq)[-limit:]
+            self._evidence[name] = {rid: entries[rid] for rid in keep}
+
+    # ---- labels -----------------------------------------------------------------------
+
+    def _label_of(self, row: dict) -> tuple[bool | None, int | None]:
+        """(correct, reference) as the test may use them, or (None, None)."""
+        if row["label"] is not None:
+            return bool(row["label"]), _optional_int(row["reference"])
+        if self.config.unlabeled == "worst_case":
+            if row["user_bad"] >= 1.0 and row["user_bad"] > row["user_good"]:
+                return False, None
+            return True, None  # unknown or reported right: D = [answer changed], an upper bound either way
+        return None, None
+
+    def _label_entry(self, entry: _Evidence, row: dict) -> None:
+        """Set an evidence entry's paired differences from the request's labels."""
+        correct, reference = self._label_of(row)
+        if correct is None:
+            entry.d, entry.right, entry.has_reference = None, None, False
+            return
+        entry.d = differences(entry.outcomes, correct=correct, reference=reference)
+        entry.right = correct if row["label"] is not None else None
+        entry.has_reference = reference is not None
+
+    def feedback(self, request_id: int, correct: bool, *, source: str = "label", weight: float = 1.0,
+                 reference: int | None = None) -> None:
+        """Whether the answer served for `request_id` was right.
+
+        source: "label" (ground truth, e.g. graded against a reference:
+            decisive, the latest wins) or "user" (a user's report: evidence
+            with its weight; reports on a request add up)
+        weight: in (0, 1], the trust in a user report (labels: 1)
+        reference: the right answer, when known: the test then also counts the
+            requests a cut would have fixed
+
+        Returns once the feedback is durable (acknowledged).
+        """
+        request_id = check_int("feedback", "request_id", request_id)
+        correct = check_bool("feedback", "correct", correct)
+        if not isinstance(source, str) or source not in SOURCES:
+            raise ValueError(f"feedback: source must be one of {SOURCES}, got {source!r}")
+        weight = check_float("feedback", "weight", weight, 0.0, 1.0)
+        if weight == 0.0:
+            raise ValueError("feedback: weight must be in (0, 1], got 0.0")
+        if source == "label" and weight != 1.0:
+            raise ValueError(f"feedback: a label (source='label') has weight 1.0, got {weight}")
+        if reference is not None:
+            reference = check_int("feedback", "reference", reference)
+            if source != "label":
+                raise ValueError("feedback: reference is only for source='label'")
+        with self._lock:
+            row = self.store.request(request_id)
+            if row is None:
+                raise ValueError(f"feedback: request_id {request_id} was never planned")
+            if reference is not None and row["observed"]:
+                served = row["served_answer"]
+                if (served is not None and served == reference) != correct:
+                    raise ValueError(f"feedback: correct={correct} contradicts reference={reference} for the "
+                                     f"served answer {served}")
+            try:
+                with self.store.transaction():
+                    self._feedback(row, correct, source, weight, reference)
+            except BaseException:
+                self._load()
+                raise
+
+    def _feedback(self, row: dict, correct: bool, source: str, weight: float, reference: int | None) -> None:
+        rid = row["request_id"]
+        self.store.add_feedback(rid, correct, source, weight, reference)
+        first_label = source == "label" and row["label"] is None
+        if source == "label":
+            update = dict(label=int(correct), reference=reference if reference is not None else row["reference"])
+        elif correct:
+            update = dict(user_good=row["user_good"] + weight)
+        else:
+            update = dict(user_bad=row["user_bad"] + weight)
+        self.store.update_request(rid, **update)
+        row.update(update)
+        if not row["observed"]:
+            return  # applied when the request is observed
+        names = path_of(normalize_key(row["bucket"]))
+        path = [self._bucket(name) for name in names]
+        if first_label:
+            self._count_label(path, row)
+        if source == "user" and not correct:
+            self._count_report(path, row, weight)
+        for name in self.store.evidence_buckets(rid):
+            entry = self._evidence.get(name, {}).get(rid)
+            if entry is None:
+                continue
+            self._label_entry(entry, row)
+            self._buckets[name].pending_evidence += 1
+        for bucket in path:
+            if bucket.pending_evidence >= self.config.evaluate_every:
+                self._evaluate(bucket)
+            self._persist(bucket)
+
+    def _count_label(self, path: list[BucketState], row: dict) -> None:
+        """A request's first label: shadow and slice summaries."""
+        right = bool(row["label"])
+        reference = row["reference"]
+        for bucket in path:
+            if row["kind"] == "shadow" and bucket.shadow:
+                sc = bucket.shadow_counts
+                sc.labeled += 1
+                changed = row["would_answer"] != row["served_answer"]
+                sc.harms += int(right and changed)
+                sc.helps += int(not right and reference is not None and row["would_answer"] == reference)
+            if row["seq"] >= bucket.slices.since_seq:
+                s = bucket.slices
+                if row["sliced"] == "cut":
+                    s.cut_labeled += 1
+                    s.cut_right += int(right)
+                else:
+                    s.uncut_labeled += 1
+                    s.uncut_right += int(right)
+
+    def _count_report(self, path: list[BucketState], row: dict, weight: float) -> None:
+        for bucket in path:
+            if row["seq"] >= bucket.slices.since_seq:
+                if row["sliced"] == "cut":
+                    bucket.slices.cut_bad += weight
+                else:
+                    bucket.slices.uncut_bad += weight
+                bucket.pending_evidence += 1
+
+    def cancel(self, request_id: int) -> bool:
+        """A planned request that will never be observed (cancelled, failed):
+        frees its warm-up place. False if unknown, observed or already cancelled."""
+        request_id = check_int("cancel", "request_id", request_id)
+        with self._lock:
+            row = self.store.request(request_id)
+            if row is None or row["observed"] or row["cancelled"]:
+                return False
+            try:
+                with self.store.transaction():
+                    self.store.update_request(request_id, cancelled=1)
+                    for name in path_of(normalize_key(row["bucket"])):
+                        bucket = self._bucket(name)
+                        if request_id in bucket.warmup_planned and not bucket.frozen:
+                            bucket.warmup_planned.remove(request_id)
+                            self._persist(bucket)
+            except BaseException:
+                self._load()
+                raise
+            return True
+
+    # ---- the test ---------------------------------------------------------------------
+
+    def _window(self, name: str) -> list[_Evidence]:
+        entries = self._evidence.get(name, {})
+        ordered = sorted(entries.values(), key=lambda e: e.seq)
+        return ordered[-self.config.evidence_window:]
+
+    def _stats(self, bucket: BucketState) -> "_WindowStats":
+        window = self._window(bucket.name)
+        used = [e for e in window if e.d is not None]
+        stats = _WindowStats(n=len(used), control=len(window))
+        if not used:
+            return stats
+        d = np.stack([e.d for e in used])  # (n, R, G + 1)
+        stats.test = self.config.test
+        if stats.test == "auto":
+            stats.test = "mcnemar" if any(e.has_reference for e in used) else "binomial"
+        stats.harms = (d == 1).sum(axis=0)
+        stats.helps = (d == -1).sum(axis=0)
+        stats.mean_d = d.mean(axis=0)
+        stats.tokens = np.stack([e.outcomes.tokens for e in window]).mean(axis=0)  # (R, G + 1)
+        rights = [e.right for e in used if e.right is not None]
+        stats.em_uncut = float(np.mean(rights)) if rights else math.nan
+        return stats
+
+    def _evaluate(self, bucket: BucketState) -> None:
+        """Re-run the test of one bucket and move its targets (and, downward,
+        its values in force)."""
+        cfg = self.config
+        bucket.pending_evidence = 0
+        if not bucket.frozen:
+            return
+        stats = self._stats(bucket)
+        n = stats.n
+        was_ready = bucket.ready
+        bucket.ready = n >= cfg.min_evidence
+        bucket.labeled, bucket.control = n, stats.control
+        if not n:
+            bucket.last_eval = {"n": 0, "control": stats.control}
+            return
+        test, harms, helps, tokens, correct_uncut = stats.test, stats.harms, stats.helps, stats.tokens, stats.em_uncut
+        G = len(bucket.grid)
+        # normal mode: traces = K, candidates = grid indices 0..G-1 (column j + 1)
+        certified = ltt.certified_set(harms[0, 1:], helps[0, 1:], n, epsilon=cfg.epsilon, delta=cfg.delta,
+                                      test=test, starts=cfg.chain_starts)
+        table = stats.table(0, [None] + list(bucket.grid), cfg)
+        target = max(certified, default=-1)
+        if cfg.objective == "value" and certified:
+            target = max(certified, key=lambda c: (table[c + 1]["value"], c))
+        guard = self._guard(bucket)
+        if guard is not None and bucket.ready and bucket.normal.index >= 0 and target >= bucket.normal.index:
+            certified = [c for c in certified if c < bucket.normal.index]
+            target = max(certified, default=-1)
+        else:
+            guard = None
+        # overload: one chain family per trace option (column 0 = no cut); weighted Bonferroni over the
+        # families (levels summing to delta): a fewer-traces family weighs 2, the all-traces family 1
+        R = len(cfg.trace_options)
+        weights = [1.0 if k == cfg.traces else 2.0 for k in cfg.trace_options]
+        families = []
+        for r in range(R):
+            # fewer traces: the chain starts at "no cut" and one chain keeps all its power there
+            starts = cfg.chain_starts if cfg.trace_options[r] == cfg.traces else 1
+            cols = ltt.certified_set(harms[r], helps[r], n, epsilon=cfg.epsilon_overload,
+                                     delta=cfg.delta * weights[r] / sum(weights), test=test, starts=starts)
+            if not cols:
+                continue
+            values = stats.table(r, [None] * (G + 1), cfg) if cfg.objective == "value" else None
+            c = max(cols, key=lambda c: (-tokens[r, c], c) if values is None else (values[c]["value"], c))
+            score = -tokens[r, c] if values is None else values[c]["value"]
+            families.append((score, cfg.trace_options[r], c - 1, [col - 1 for col in cols]))
+        best = max(families, default=None, key=lambda f: f[0])
+        current = next((f for f in families if f[1] == bucket.overload.target_traces), None)
+        if best is not None and current is not None and best is not current and \
+                best[0] - current[0] < _FAMILY_MARGIN * abs(current[0]):
+            best = current  # hysteresis: switch the trace count only for a clear gain
+        fail = next((c for c in range(G) if c not in certified and c > target), None) if target < G - 1 else None
+        bucket.last_eval = {
+            "seq": self._seq, "n": n, "control": stats.control, "test": test, "certified": len(certified),
+            "target": target, "em_uncut": correct_uncut, "tokens_uncut": float(tokens[0, 0]),
+            "first_uncertified": None if fail is None else
+            {"index": fail, "threshold": bucket.grid[fail], "harms": int(harms[0, fail + 1]),
+             "helps": int(helps[0, fail + 1])},
+            "overload": None if best is None else {"traces": best[1], "index": best[2]},
+            "guard": guard,
+        }
+        if not bucket.ready:
+            return
+        if not was_ready:
+            self.store.add_audit(self._seq, bucket.name, "ready", False, True,
+                                 {"labeled": n, "control": stats.control, "min_evidence": cfg.min_evidence},
+                                 "enough labelled control requests: the bucket's own test now decides")
+        self._set_target(bucket, certified, target, n, test, harms, helps, guard)
+        if best is not None:
+            self._set_overload_target(bucket, best[1], best[2], best[3], n, test)
+        elif bucket.overload_ready:
+            bucket.overload_ready = False
+            self.store.add_audit(self._seq, bucket.name, "overload_threshold", None, None, {"n": n, "test": test},
+                                 "no overload candidate certified: overload runs the normal values")
+
+    def _set_target(self, bucket: BucketState, certified: list[int], target: int, n: int, test: str, harms, helps,
+                    guard) -> None:
+        """New certified set and target of the normal mode; a value in force
+        that is no longer certified (or above the target) drops at once to the
+        most aggressive certified candidate below it."""
+        cfg = self.config
+        ramp = bucket.normal
+        old_target = ramp.target
+        ramp.certified, ramp.target = list(certified), target
+        if ramp.index > target or (ramp.index >= 0 and ramp.index not in certified):
+            old = ramp.index
+            ramp.index = max((c for c in certified if c <= min(old, target)), default=-1)
+            bucket.cooldown_until = self._seq + cfg.cooldown
+            evidence = {"n": n, "test": test, "epsilon": cfg.epsilon, "delta": cfg.delta, "index": [old, ramp.index],
+                        "certified": len(certified)}
+            if old >= 0:
+                h, g = int(harms[0, old + 1]), int(helps[0, old + 1])
+                evidence.update(harms=h, helps=g, p_value=ltt.p_value(test, h, g, n, cfg.epsilon))
+            if guard is not None:
+                evidence["guard"] = guard
+                reason = (f"user-report guard: bad-report rate on cut answers {guard['cut_rate']:.3f} vs uncut "
+                          f"{guard['uncut_rate']:.3f} (z={guard['z']:.1f}); stepped back")
+            else:
+                reason = (f"lowered at once: the threshold in force is no longer certified (EM drop <= "
+                          f"{cfg.epsilon} not shown at 1 - delta = {1 - cfg.delta:.2f})")
+            self.store.add_audit(self._seq, bucket.name, "threshold", bucket.threshold_of(old),
+                                 bucket.threshold_of(ramp.index), evidence, reason)
+            self._reset_slices(bucket, self._seq)
+        elif target != old_target:
+            self.store.add_audit(self._seq, bucket.name, "target", bucket.threshold_of(old_target),
+                                 bucket.threshold_of(target),
+                                 {"n": n, "test": test, "index": [old_target, target], "in_force": ramp.index,
+                                  "certified": len(certified)},
+                                 "certified target moved; the value in force follows at the rate limit")
+
+    def _set_overload_target(self, bucket: BucketState, traces: int, index: int, certified: list[int], n: int,
+                             test: str) -> None:
+        ramp = bucket.overload
+        old = (ramp.target_traces, ramp.target)
+        ramp.target_traces, ramp.target = traces, index
+        newly = not bucket.overload_ready
+        bucket.overload_ready = True
+        same_family = ramp.traces == traces
+        ramp.certified = list(certified)
+        if self._monitor.state.overload:
+            if not same_family:
+                self._enter_overload_values(bucket)
+            elif ramp.index > index or ramp.index not in certified:
+                prev = ramp.index
+                ramp.index = max((c for c in certified if c <= min(prev, index)), default=min(certified))
+                bucket.cooldown_until = self._seq + self.config.cooldown
+                self.store.add_audit(self._seq, bucket.name, "overload_threshold", bucket.threshold_of(prev),
+                                     bucket.threshold_of(ramp.index), {"n": n, "test": test, "traces": traces},
+                                     "lowered at once: the overload value in force is no longer certified")
+        if newly or old != (traces, index):
+            self.store.add_audit(self._seq, bucket.name, "overload_target",
+                                 {"traces": old[0], "threshold": bucket.threshold_of(old[1])},
+                                 {"traces": traces, "threshold": bucket.threshold_of(index)},
+                                 {"n": n, "test": test, "epsilon_overload": self.config.epsilon_overload,
+                                  "certified": len(certified)},
+                                 "certified overload target (fewest tokens among the certified chains)")
+
+    def _enter_overload_values(self, bucket: BucketState) -> None:
+        """Overload values: the certified trace count at once, and the most
+        aggressive certified threshold no more aggressive than the normal value
+        in force (the least aggressive certified one if none is); then they ramp
+        like any raise."""
+        ramp = bucket.overload
+        old = (ramp.traces, ramp.index)
+        ramp.traces = ramp.target_traces
+        floor = bucket.normal.index
+        ramp.index = max((c for c in ramp.certified if c <= floor), default=min(ramp.certified))
+        ramp.last_raise_seq = self._seq
+        self.store.add_audit(self._seq, bucket.name, "overload_values",
+                             {"traces": old[0], "threshold": bucket.threshold_of(old[1])},
+                             {"traces": ramp.traces, "threshold": bucket.threshold_of(ramp.index)},
+                             {"target": {"traces": ramp.target_traces, "threshold": bucket.threshold_of(ramp.target)}},
+                             "overload: the certified trace count at once, the threshold from the normal value up")
+
+    def _guard(self, bucket: BucketState) -> dict | None:
+        """User-report guard: compares the weight of bad reports per served
+        request on answers served with a cut and on uncut ones (control,
+        warm-up, shadow) since the last change. Fires when the one-sided
+        two-proportion z-score exceeds guard_z."""
+        cfg = self.config
+        s = bucket.slices
+        if s.cut_n < cfg.guard_min_requests or s.uncut_n < cfg.guard_min_requests:
+            return None
+        rc, ru = min(1.0, s.cut_bad / s.cut_n), min(1.0, s.uncut_bad / s.uncut_n)
+        pooled = (s.cut_bad + s.uncut_bad) / (s.cut_n + s.uncut_n)
+        se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / s.cut_n + 1 / s.uncut_n))
+        z = (rc - ru) / se
+        return {"cut_rate": rc, "uncut_rate": ru, "z": z} if z > cfg.guard_z else None
+
+    # ---- load -------------------------------------------------------------------------
+
+    def observe_load(self, *, queue_depth: float | None = None, p95_latency_s: float | None = None,
+                     kv_utilization: float | None = None) -> bool:
+        """One observation of the serving figures (load.py: hysteresis).
+        Returns whether the policy is now in overload mode."""
+        with self._lock:
+            before = LoadState.from_dict(self._monitor.state.to_dict())
+            try:
+                with self.store.transaction():
+                    overload, switched = self._monitor.observe(queue_depth=queue_depth, p95_latency_s=p95_latency_s,
+                                                               kv_utilization=kv_utilization)
+                    self.store.set_meta("load", self._monitor.state.to_dict())
+                    if switched:
+                        s = self._monitor.state
+                        self.store.add_audit(
+                            self._seq, "", "overload", not overload, overload,
+                            {"figures": s.last, "slos": self._monitor.slos,
+                             "exit_fraction": self.config.exit_fraction, "observations": s.observations},
+                            "overload: a figure stayed above its SLO" if overload else
+                            "load fell: every figure stayed under exit_fraction x its SLO; normal budget again")
+                        if overload:
+                            for bucket in self._buckets.values():
+                                if bucket.overload_ready:
+                                    self._enter_overload_values(bucket)
+                                    self._persist(bucket)
+            except BaseException:
+                self._monitor.state = before
+                self._load()
+                raise
+            return overload
+
+    @property
+    def overload(self) -> bool:
+        return self._monitor.state.overload
+
+    # ---- shadow -----------------------------------------------------------------------
+
+    def set_shadow(self, key, on: bool = True) -> None:
+        """Run a bucket (and the buckets under it) in shadow mode: its requests
+        run uncut and record where the policy would have cut them."""
+        parts = normalize_key(key)
+        on = check_bool("set_shadow", "on", on)
+        with self._lock:
+            try:
+                with self.store.transaction():
+                    names = path_of(parts)
+                    for name in names:
+                        self._bucket(name)
+                    bucket = self._buckets[names[-1]]
+                    if bucket.shadow != on:
+                        self.store.add_audit(self._seq, bucket.name, "shadow", bucket.shadow, on, {},
+                                             "operator" + (": shadow on, nothing is cut" if on else ": shadow off"))
+                        bucket.shadow = on
+                    for name in names:
+                        self._persist(self._buckets[name])
+            except BaseException:
+                self._load()
+                raise
+
+    # ---- reports ----------------------------------------------------------------------
+
+    def thresholds(self) -> dict[str, dict]:
+        """Per bucket: readiness, the values in force (normal and overload) and the evidence counts."""
+        with self._lock:
+            out = {}
+            for name, b in sorted(self._buckets.items()):
+                out[name] = {
+                    "frozen": b.frozen, "ready": b.ready, "shadow": b.shadow,
+                    "threshold": b.threshold_of(b.normal.index), "target": b.threshold_of(b.normal.target),
+                    "index": b.normal.index, "traces": self.config.traces,
+                    "overload_threshold": b.threshold_of(b.overload.index) if b.overload_ready else None,
+                    "overload_traces": (b.overload.traces or b.overload.target_traces) if b.overload_ready else None,
+                    "labeled": b.labeled, "control": b.control,
+                    "warmup": f"{len(b.warmup_observed)}/{self.config.warmup_requests}",
+                }
+            return out
+
+    def report(self, *, last_changes: int = 10) -> dict:
+        """Everything `haltwise policy show` prints."""
+        cfg = self.config
+        with self._lock:
+            buckets = {}
+            for name, b in sorted(self._buckets.items()):
+                entry = self.thresholds()[name]
+                ev = dict(b.last_eval)
+                stats = self._stats(b) if b.frozen else None
+                if stats is not None and stats.n:
+                    table = stats.table(0, [None] + list(b.grid), cfg)
+                    idx = b.normal.index
+                    rows = {}
+                    for label, j in (("lower", idx - 1), ("chosen", idx), ("higher", idx + 1)):
+                        if -1 <= j < len(b.grid):
+                            rows[label] = table[j + 1]
+                    entry["candidates"] = rows
+                fail = dict(ev["first_uncertified"]) if ev.get("first_uncertified") else None
+                if fail is not None and ev.get("n"):
+                    ev["first_uncertified"] = fail
+                    fail["p_value"] = ltt.p_value(ev["test"], fail["harms"], fail["helps"], ev["n"], cfg.epsilon)
+                entry["last_eval"] = ev
+                if b.shadow or b.shadow_counts.requests:
+                    entry["shadow_summary"] = summarize_shadow(b.shadow_counts, delta=cfg.delta)
+                s = b.slices
+                entry["served"] = {
+                    "em_cut": s.cut_right / s.cut_labeled if s.cut_labeled else None, "labeled_cut": s.cut_labeled,
+                    "em_uncut": s.uncut_right / s.uncut_labeled if s.uncut_labeled else None,
+                    "labeled_uncut": s.uncut_labeled, "bad_reports_cut": s.cut_bad, "bad_reports_uncut": s.uncut_bad,
+                }
+                buckets[name] = entry
+            return {
+                "config": {"epsilon": cfg.epsilon, "delta": cfg.delta, "epsilon_overload": cfg.epsilon_overload,
+                           "signal": cfg.signal, "window": cfg.window, "traces": cfg.traces,
+                           "control_fraction": cfg.control_fraction},
+                "requests": self._seq, "overload": self._monitor.state.overload,
+                "load": self._monitor.state.to_dict(), "feedback": self.store.feedback_count(),
+                "buckets": buckets, "changes": self.store.audit(last_changes),
+            }
+
+    def audit(self, last: int | None = None) -> list[dict]:
+        """The audit trail (oldest first): every change of a value in force."""
+        with self._lock:
+            return self.store.audit(last)
+
+    def state(self) -> dict:
+        """A deterministic snapshot of the decision state (for tests and
+        restarts): request counter, buckets, load, evidence per bucket,
+        feedback count."""
+        with self._lock:
+            return {
+                "seq": self._seq,
+                "buckets": {name: b.to_dict() for name, b in sorted(self._buckets.items())},
+                "load": self._monitor.state.to_dict(),
+                "evidence": {name: [(e.seq, e.d is not None) for e in self._window(name)]
+                             for name in sorted(self._evidence)},
+                "feedback": self.store.feedback_count(),
+            }

@@ -1,0 +1,263 @@
+"""The policy's state in SQLite: WAL journal, one transaction per public
+call, so a process killed at any instant restarts exactly at the last call
+that returned, and nothing acknowledged (a call that returned) is lost.
+
+Tables
+------
+meta      key -> JSON value: schema version, config, request counter, load state
+buckets   name -> BucketState JSON (thresholds in force, counters) and its grid
+requests  one row per planned request: its plan, what was served, its labels
+traces    per request and trace: answer, tokens, reason, shadow data, and the
+          policy signal (float16 bytes) of warm-up and control traces, which
+          the test replays
+evidence  (bucket, request): the control requests each bucket's test may use
+feedback  every acknowledged feedback call, append-only
+audit     every change of a value in force: time, request counter, bucket,
+          field, old and new value, the evidence and the reason
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, state TEXT NOT NULL, grid TEXT);
+CREATE TABLE IF NOT EXISTS requests (
+    request_id INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    bucket TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    source TEXT,
+    how TEXT NOT NULL,
+    traces INTEGER NOT NULL,
+    threshold REAL,
+    grid_index INTEGER NOT NULL,
+    overload INTEGER NOT NULL,
+    shadow INTEGER NOT NULL,
+    sliced TEXT NOT NULL,
+    observed INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    served_answer INTEGER,
+    tokens INTEGER,
+    cut_traces INTEGER,
+    would_answer INTEGER,
+    would_tokens INTEGER,
+    label INTEGER,
+    reference INTEGER,
+    user_bad REAL NOT NULL DEFAULT 0,
+    user_good REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS requests_seq ON requests(seq);
+CREATE TABLE IF NOT EXISTS traces (
+    request_id INTEGER NOT NULL,
+    k INTEGER NOT NULL,
+    answer INTEGER,
+    num_tokens INTEGER NOT NULL,
+    reason INTEGER NOT NULL,
+    mean_logprob REAL,
+    would_stop_step INTEGER NOT NULL,
+    would_stop_reason INTEGER,
+    signal BLOB,
+    PRIMARY KEY (request_id, k)
+);
+CREATE TABLE IF NOT EXISTS evidence (
+    bucket TEXT NOT NULL,
+    request_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (bucket, request_id)
+);
+CREATE INDEX IF NOT EXISTS evidence_seq ON evidence(bucket, seq);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id INTEGER NOT NULL,
+    correct INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    weight REAL NOT NULL,
+    reference INTEGER,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    bucket TEXT NOT NULL,
+    field TEXT NOT NULL,
+    old TEXT,
+    new TEXT,
+    evidence TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+
+class Store:
+    """One SQLite connection (``path`` or ":memory:"). Not shared between
+    processes: one policy process owns a database."""
+
+    def __init__(self, path: str | os.PathLike = ":memory:", *, synchronous: str = "FULL", clock=time.time):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per public call
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.clock = clock
+        self._depth = 0
+        with self.transaction():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self.conn.execute(statement)
+
+    @property
+    def journal_mode(self) -> str:
+        return self.conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an exception); nests as one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth = 0
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---- meta ---------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default=None):
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value) -> None:
+        self.conn.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                          (key, json.dumps(value, sort_keys=True)))
+
+    # ---- buckets ------------------------------------------------------------------------
+
+    def put_bucket(self, name: str, state: dict) -> None:
+        self.conn.execute("INSERT INTO buckets(name, state) VALUES(?, ?) "
+                          "ON CONFLICT(name) DO UPDATE SET state=excluded.state", (name, json.dumps(state)))
+
+    def put_grid(self, name: str, grid: list[float]) -> None:
+        """A bucket's candidate thresholds, written once when its warm-up ends."""
+        self.conn.execute("UPDATE buckets SET grid = ? WHERE name = ?", (json.dumps(grid), name))
+
+    def buckets(self) -> dict[str, dict]:
+        out = {}
+        for name, state, grid in self.conn.execute("SELECT name, state, grid FROM buckets"):
+            out[name] = json.loads(state)
+            out[name]["grid"] = None if grid is None else json.loads(grid)
+        return out
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def add_request(self, row: dict) -> None:
+        cols = ", ".join(row)
+        self.conn.execute(f"INSERT INTO requests({cols}) VALUES({', '.join('?' for _ in row)})", tuple(row.values()))
+
+    def update_request(self, request_id: int, **values) -> None:
+        sets = ", ".join(f"{name} = ?" for name in values)
+        self.conn.execute(f"UPDATE requests SET {sets} WHERE request_id = ?", (*values.values(), request_id))
+
+    def request(self, request_id: int) -> dict | None:
+        cur = self.conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,))
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row))
+
+    def requests_where(self, where: str, params: tuple = ()) -> list[dict]:
+        cur = self.conn.execute(f"SELECT * FROM requests WHERE {where}", params)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    # ---- traces -------------------------------------------------------------------------
+
+    def add_traces(self, request_id: int, rows: list[dict]) -> None:
+        self.conn.executemany(
+            "INSERT INTO traces(request_id, k, answer, num_tokens, reason, mean_logprob, would_stop_step, "
+            "would_stop_reason, signal) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(request_id, k, r["answer"], r["num_tokens"], r["reason"], r["mean_logprob"], r["would_stop_step"],
+              r["would_stop_reason"], None if r["signal"] is None else np.asarray(r["signal"], np.float16).tobytes())
+             for k, r in enumerate(rows)])
+
+    def traces(self, request_id: int) -> list[dict]:
+        cur = self.conn.execute("SELECT k, answer, num_tokens, reason, mean_logprob, would_stop_step, "
+                                "would_stop_reason, signal FROM traces WHERE request_id = ? ORDER BY k", (request_id,))
+        out = []
+        for k, answer, n, reason, mlp, wss, wsr, blob in cur.fetchall():
+            out.append({"k": k, "answer": answer, "num_tokens": n, "reason": reason,
+                        "mean_logprob": float("nan") if mlp is None else mlp, "would_stop_step": wss,
+                        "would_stop_reason": wsr,
+                        "signal": None if blob is None else np.frombuffer(blob, dtype=np.float16).astype(np.float32)})
+        return out
+
+    # ---- evidence -----------------------------------------------------------------------
+
+    def add_evidence(self, bucket: str, request_id: int, seq: int) -> None:
+        self.conn.execute("INSERT INTO evidence(bucket, request_id, seq) VALUES(?, ?, ?)", (bucket, request_id, seq))
+
+    def evidence_window(self, bucket: str, limit: int) -> list[int]:
+        """The bucket's `limit` most recent observed control requests (by plan order), oldest first."""
+        rows = self.conn.execute(
+            "SELECT e.request_id FROM evidence e JOIN requests r ON r.request_id = e.request_id "
+            "WHERE e.bucket = ? AND r.observed = 1 AND r.cancelled = 0 ORDER BY e.seq DESC LIMIT ?",
+            (bucket, limit)).fetchall()
+        return [r[0] for r in reversed(rows)]
+
+    def evidence_buckets(self, request_id: int) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT bucket FROM evidence WHERE request_id = ?", (request_id,))]
+
+    # ---- feedback and audit -------------------------------------------------------------
+
+    def add_feedback(self, request_id: int, correct: bool, source: str, weight: float, reference: int | None) -> int:
+        cur = self.conn.execute("INSERT INTO feedback(request_id, correct, source, weight, reference, at) "
+                                "VALUES(?, ?, ?, ?, ?, ?)",
+                                (request_id, int(correct), source, weight, reference, self.clock()))
+        return int(cur.lastrowid)
+
+    def feedback_count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0])
+
+    def feedback_rows(self) -> list[dict]:
+        cur = self.conn.execute("SELECT id, request_id, correct, source, weight, reference FROM feedback ORDER BY id")
+        return [dict(zip(("id", "request_id", "correct", "source", "weight", "reference"), r)) for r in cur]
+
+    def add_audit(self, seq: int, bucket: str, field: str, old, new, evidence: dict, reason: str) -> None:
+        self.conn.execute("INSERT INTO audit(at, seq, bucket, field, old, new, evidence, reason) "
+                          "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                          (self.clock(), seq, bucket, field, json.dumps(old), json.dumps(new),
+                           json.dumps(evidence, sort_keys=True), reason))
+
+    def audit(self, last: int | None = None) -> list[dict]:
+        sql = "SELECT id, at, seq, bucket, field, old, new, evidence, reason FROM audit ORDER BY id DESC"
+        rows = self.conn.execute(sql + (" LIMIT ?" if last is not None else ""),
+                                 (last,) if last is not None else ()).fetchall()
+        out = [dict(id=r[0], at=r[1], seq=r[2], bucket=r[3], field=r[4], old=json.loads(r[5]),
+                    new=json.loads(r[6]), evidence=json.loads(r[7]), reason=r[8]) for r in rows]
+        return list(reversed(out))

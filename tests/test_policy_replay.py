@@ -1,0 +1,78 @@
+"""The replay harness end to end on a small bank (the budget holds), and the
+`haltwise replay` / `haltwise policy show` commands."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from haltwise.policy.cli import main
+from haltwise.policy.config import PolicyConfig
+from haltwise.policy.replay import ReplayConfig, make_stream, run_replay
+from haltwise.policy.synthetic import synthetic_bank
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return synthetic_bank(80, 16, seed=0)
+
+
+def test_replay_keeps_the_accuracy_budget_on_a_small_bank(bank):
+    config = PolicyConfig(traces=8)
+    report = run_replay(bank, config, ReplayConfig(requests=4000, window=500, seed=0))
+    windows = report["windows"]
+    assert len(windows) == 8
+    normal = [w for w in windows if not w["overload"]]
+    within = np.mean([w["em_policy"] >= w["em_uncut"] - config.epsilon for w in normal])
+    assert within >= 0.9
+    overall = report["overall"]
+    assert overall["em_policy"] >= overall["em_uncut"] - config.epsilon
+    assert overall["saved"] > 0.05, "the policy saved nothing: the budget check would be vacuous"
+    assert any(w["overload"] for w in windows)  # the load spike reached the policy
+    assert report["static_best"]["em"] >= report["static_best"]["em_uncut"] - config.epsilon
+    assert report["targets"]["windows_within_budget"] == pytest.approx(within)
+    # the policy's own account of what it did
+    assert report["policy"]["buckets"][""]["ready"]
+
+
+def test_the_stream_drifts_toward_harder_problems(bank):
+    cfg = ReplayConfig(requests=4000, seed=1)
+    stream = make_stream(bank, cfg, 8)
+    first = np.mean([bank.difficulty[r.problem] for r in stream[:2000]])
+    second = np.mean([bank.difficulty[r.problem] for r in stream[2000:]])
+    assert second > first + 0.5
+    assert all(len(set(r.subset)) == 8 for r in stream[:50])
+    with pytest.raises(ValueError, match="runs 40 traces per request but the bank holds 16"):
+        make_stream(bank, cfg, 40)
+
+
+def test_cli_replay_writes_the_documented_json_and_policy_show_reads_the_db(tmp_path, capsys):
+    small = synthetic_bank(40, 8, seed=4)
+    path = tmp_path / "bank.npz"
+    small.save(path)
+    out, png, db = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "p.db"
+    code = main(["replay", "--bank", str(path), "--requests", "800", "--window", "200", "--traces", "4",
+                 "--json", str(out), "--plot", str(png), "--db", str(db), "--shadow", "terms=3"])
+    assert code == 0
+    payload = json.loads(out.read_text())
+    assert payload["epsilon"] == 0.02
+    for w in payload["windows"]:
+        assert {"em_policy", "em_uncut", "tokens_policy", "tokens_uncut", "overload"} <= set(w)
+        assert isinstance(w["overload"], bool)
+    assert {"tokens", "em"} <= set(payload["static_best"])
+    assert png.stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "static best in hindsight" in printed and "targets:" in printed
+    assert main(["policy", "show", str(db), "--last", "5"]) == 0
+    shown = capsys.readouterr().out
+    assert "(global)" in shown and "last changes:" in shown and "terms=3" in shown
+    assert main(["policy", "show", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["requests"] == 800
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["replay", "--bank", str(tmp_path / "none.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["policy", "show", str(tmp_path / "none.db")]) == 2
+    assert "DB" in capsys.readouterr().err
