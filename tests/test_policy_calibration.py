@@ -33,13 +33,12 @@ def test_voting_reasons_match_the_decode_loop():
 def test_profile_cuts_equal_tracebank_cut_length(values, window, min_new, reason, probes):
     prof = trace_profile(values, reason=int(reason), answer=3, window=window, min_new_tokens=min_new)
     # EOS / MAX_TOKENS end the trace before LOW_CONFIDENCE is evaluated on the last token; CONFIDENT does not
-    evaluated = values[:-1] if reason != StopReason.CONFIDENT else values
-    expected_lowest = (lowest_window_mean(evaluated, window=window, min_new_tokens=min_new) if len(evaluated)
-                       else math.nan)
+    last = reason == StopReason.CONFIDENT
+    expected_lowest = lowest_window_mean(values, window=window, min_new_tokens=min_new, last_evaluated=last)
     assert (math.isnan(prof.lowest) and math.isnan(expected_lowest)) or prof.lowest == pytest.approx(expected_lowest)
     got = prof.cut_lengths(np.array(probes))
     for t, n in zip(probes, got):
-        cut = cut_length(evaluated, t, window=window, min_new_tokens=min_new) if len(evaluated) else None
+        cut = cut_length(values, t, window=window, min_new_tokens=min_new, last_evaluated=last)
         assert n == (len(values) if cut is None else cut)
         assert prof.cut_length(t) == cut
 
@@ -47,13 +46,14 @@ def test_profile_cuts_equal_tracebank_cut_length(values, window, min_new, reason
 @pytest.mark.parametrize("window,min_new", [(4, 0), (4, 6), (8, 3)])
 def test_profile_agrees_with_the_live_scheduler_at_the_last_token(window, min_new):
     """An EOS trace whose window mean dips only at its final token is NOT cut
-    by the scheduler (EOS fires first); the profile knows, tracebank.cut_length
-    on all values would not."""
+    by the scheduler (EOS fires first); neither the profile nor
+    tracebank.cut_length cuts it, unless told the last token was evaluated."""
     rng = np.random.default_rng(window + min_new)
     values = np.concatenate([rng.uniform(-0.2, 0.0, size=30), [-8.0]]).astype(np.float32)
     prof = trace_profile(values, reason=int(StopReason.EOS), answer=1, window=window, min_new_tokens=min_new)
     threshold = float(prof.lowest) - 0.05  # above the final dip's window mean, below every earlier one
-    assert cut_length(values, threshold, window=window, min_new_tokens=min_new) == len(values)  # the naive replay
+    assert cut_length(values, threshold, window=window, min_new_tokens=min_new) is None
+    assert cut_length(values, threshold, window=window, min_new_tokens=min_new, last_evaluated=True) == len(values)
     assert prof.cut_length(threshold) is None
     sched = Scheduler(1)
     sched.submit(0, max_new_tokens=100, stop=StopConfig(eos_ids=[2], low_conf_signal="logprob",

@@ -87,8 +87,9 @@ class PolicyConfig:
             raise TypeError(f"{_WHERE}: overload_traces must be a sequence of ints, "
                             f"got {type(self.overload_traces).__name__}")
         options = tuple(check_int(_WHERE, "overload_traces[]", k, 1, self.traces) for k in self.overload_traces)
+        default = {max(1, self.traces * 3 // 4), max(1, self.traces // 2), max(1, self.traces // 4)} - {self.traces}
         set_("overload_traces", tuple(sorted(set(options) - {self.traces}, reverse=True))
-             if options else ((max(1, self.traces // 2),) if self.traces > 1 else ()))
+             if options else tuple(sorted(default, reverse=True)))
         _choice("signal", self.signal, CONF_SIGNALS)
         set_("window", check_int(_WHERE, "window", self.window, 1))
         set_("min_new_tokens", self.window if self.min_new_tokens is None
@@ -192,7 +193,7 @@ KNOBS: list[tuple[str, str]] = [
     ("unlabeled", "'skip': control requests without a label stay out of the test (labels missing at random); "
                   "'worst_case': they count as harmed wherever the answer changed (valid for any label selection)."),
     ("traces", "Traces sampled per request (K) in normal operation."),
-    ("overload_traces", "Fewer-trace options tried under overload (default K // 2; (traces,) turns it off)."),
+    ("overload_traces", "Fewer-trace options tried under overload (default 3K/4, K/2, K/4; (traces,) turns it off)."),
     ("signal", "Oriented per-token signal of LOW_CONFIDENCE (logprob, neg_entropy, topk_conf, confidence, margin)."),
     ("window", "Sliding window W of the group confidence."),
     ("min_new_tokens", "No cut before this many tokens (default: window)."),
