@@ -114,8 +114,10 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
     off_hi = uint32_t(offset >> 32);
     salt = a.salt_with_row ? uint32_t(row) : 0u;
   }
+  const PhiloxKeys keys = philox_keys(key0, key1);
 
   alignas(64) T tail[kChunk];
+  double lanes_s[16] = {}, lanes_t[16] = {};  // the segment's sums, per accumulator lane
   for (int64_t c = begin; c < end; c += kChunk) {
     const int n = end - c < kChunk ? int(end - c) : kChunk;
     const T* src = x + c;
@@ -125,19 +127,16 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
       src = tail;
     }
 
-    // Sweep 1: max, bad values, top-k threshold test.
+    // Sweep 1: max and the top-k threshold test. (NaN is ignored by the max;
+    // NaN and +inf turn sweep 2's sums non-finite, which is where they are caught.)
     vf vmax = splat(kNegInf);
-    vi bad = splat_i(0), above = splat_i(0);
-    const vf vthr = splat(thr), vinf = splat(kPosInf);
+    vi above = splat_i(0);
+    const vf vthr = splat(thr);
+#pragma GCC unroll 4
     for (int i = 0; i < kChunk; i += kLanes) {
       const vf v = E::load(src + i);
       vmax = v > vmax ? v : vmax;
-      bad |= ~(v < vinf);  // NaN or +inf
       above |= v > vthr;
-    }
-    if (any(bad)) {
-      classify_bad_segment<D>(x, begin, end, &p);
-      return;
     }
     if (any(above)) {  // rare once the list is full: visit only the vectors with a hit
       for (int i = 0; i < kChunk; i += kLanes) {
@@ -156,31 +155,50 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
       int first = 0;
       while (E::scalar(src[first]) != cmax) ++first;
       p.argmax = c + first;
-      rebase_sums(p.sum_exp, p.sum_exp_shift, p.max, cmax);
+      for (int j = 0; j < 16; ++j) rebase_sums(lanes_s[j], lanes_t[j], p.max, cmax);
       p.max = cmax;
     }
-    if (p.max == kNegInf) continue;  // everything masked so far
+    if (p.max == kNegInf) {  // everything masked so far (or NaN, which only a scan can tell)
+      for (int i = 0; i < n; ++i) {
+        if (std::isnan(E::scalar(src[i]))) {
+          classify_bad_segment<D>(x, begin, end, &p);
+          return;
+        }
+      }
+      continue;
+    }
 
     // Sweep 2: sum of exp(x - max) and of exp(x - max) * (x - max), in 16
-    // accumulator lanes whatever the vector width (kParts vectors of kLanes),
-    // so every ISA adds the same numbers in the same order: identical results.
+    // float lanes per chunk (kParts vectors of kLanes, whatever the width),
+    // then into 16 double lanes for the segment: the same additions in the
+    // same order on every ISA.
     constexpr int kParts = 16 / kLanes;
     vf s[kParts], t[kParts];
     for (int h = 0; h < kParts; ++h) s[h] = t[h] = splat(0.0f);
     const vf vm = splat(p.max), floor = splat(-87.0f), zero = splat(0.0f);
+#pragma GCC unroll 2
     for (int i = 0; i < kChunk; i += 16) {
       for (int h = 0; h < kParts; ++h) {
         const vf d = E::load(src + i + h * kLanes) - vm;
-        const vf e = exp_nonpositive(d);
+        const vi masked = d < floor;  // -inf logits, and terms below float range: exactly 0
+        const vf dc = masked ? floor : d;  // NaN stays NaN (NaN < floor is false)
+        const vf e = masked ? zero : exp_clamped(dc);
         s[h] += e;
-        t[h] += e * (d < floor ? zero : d);  // masked -inf: 0, never 0 * -inf
+        t[h] = fmadd(e, dc, t[h]);  // e * (x - max), never 0 * -inf
       }
     }
-    for (int h = 0; h < kParts; ++h) {
-      for (int j = 0; j < kLanes; ++j) {  // lane by lane into the double totals
-        p.sum_exp += s[h][j];
-        p.sum_exp_shift += t[h][j];
-      }
+    alignas(64) float chunk_s[16], chunk_t[16];
+    std::memcpy(chunk_s, s, sizeof chunk_s);
+    std::memcpy(chunk_t, t, sizeof chunk_t);
+    double chunk_total = 0.0;
+    for (int j = 0; j < 16; ++j) {
+      lanes_s[j] += chunk_s[j];
+      lanes_t[j] += chunk_t[j];
+      chunk_total += chunk_s[j] + chunk_t[j];
+    }
+    if (!std::isfinite(chunk_total)) {  // a NaN or +inf logit
+      classify_bad_segment<D>(x, begin, end, &p);
+      return;
     }
 
     // Sweep 3: the Gumbel race, 64 columns at a time. Column 64b + 16w + j
@@ -206,7 +224,7 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
         vu bm = vu{};
         for (int h = 0; h < kCalls; ++h) {
           const vu counter = __builtin_convertvector(lane, vu) + uint32_t((col >> 6) * 16 + h * kLanes);
-          philox(counter, off_lo, off_hi, salt, key0, key1, words[h]);
+          philox(counter, off_lo, off_hi, salt, keys, words[h]);
           for (int w = 0; w < 4; ++w) bm = max(bm, words[h][w]);
         }
         if (score_bound(xmax, gumbel_bound(hmax(bm))) <= best_all) continue;
@@ -220,6 +238,10 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
         best_all = hmax(best);
       }
     }
+  }
+  for (int j = 0; j < 16; ++j) {  // lane order: the same on every ISA
+    p.sum_exp += lanes_s[j];
+    p.sum_exp_shift += lanes_t[j];
   }
   p.any_finite = p.max > kNegInf;
   if (sample) {

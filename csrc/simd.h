@@ -76,32 +76,58 @@ HW_INLINE uint32_t hmax(vu v) {
 HW_INLINE vf max(vf a, vf b) { return a > b ? a : b; }
 HW_INLINE vu max(vu a, vu b) { return a > b ? a : b; }
 HW_INLINE bool any(vi mask) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)mask, (__m512i)mask) != 0;
+#elif defined(__AVX__)
+  return _mm256_movemask_ps((__m256)mask) != 0;
+#else
   int32_t r = 0;
   for (int i = 0; i < kLanes; ++i) r |= mask[i];
   return r != 0;
+#endif
 }
 
-// exp(x) for x <= 0; exactly 0 below -87 (where expf would go subnormal).
-HW_INLINE vf exp_nonpositive(vf x) {
-  const vi underflow = x < -87.0f;
-  x = underflow ? splat(-87.0f) : x;
-  const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  // round(x / ln 2)
-  const vf nf = __builtin_convertvector(n, vf);
-  x = x - nf * 0.693359375f;
-  x = x - nf * -2.12194440e-4f;
+// a * b + c: one fused multiply-add where the unit has FMA (AVX2 and AVX-512
+// builds), else a multiply and an add. Only the exp/log polynomials use it;
+// the Gumbel score x / T + g is written unfused, as every backend computes it.
+HW_INLINE vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Nearest integer (ties: away from zero without SSE4.1, to even with it).
+HW_INLINE vf round_nearest(vf x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(__AVX__)
+  return (vf)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  return __builtin_convertvector(__builtin_convertvector(x + (x < 0.0f ? splat(-0.5f) : splat(0.5f)), vi), vf);
+#endif
+}
+
+// exp(x) for x in [-87, 0] (callers clamp): Cody-Waite reduction by ln 2 and
+// Cephes' degree-7 polynomial. NaN in, NaN out.
+HW_INLINE vf exp_clamped(vf x) {
+  const vf nf = round_nearest(x * 1.44269504088896341f);  // x / ln 2
+  x = fmadd(nf, splat(-0.693359375f), x);
+  x = fmadd(nf, splat(2.12194440e-4f), x);
   const vf z = x * x;
-  vf y = splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
-  const vf scale = as_f((n + 127) << 23);
-  return underflow ? splat(0.0f) : y * scale;
+  vf y = fmadd(splat(1.9875691500e-4f), x, splat(1.3981999507e-3f));
+  y = fmadd(y, x, splat(8.3334519073e-3f));
+  y = fmadd(y, x, splat(4.1665795894e-2f));
+  y = fmadd(y, x, splat(1.6666665459e-1f));
+  y = fmadd(y, x, splat(5.0000001201e-1f));
+  y = fmadd(y, z, x + 1.0f);
+  return y * as_f((__builtin_convertvector(nf, vi) + 127) << 23);
 }
 
-// log(x) for positive normal x.
+// log(x) for positive normal x (Cephes logf).
 HW_INLINE vf log_positive(vf x) {
   const vi bits = as_i(x);
   vi e = ((bits >> 23) & 0xff) - 126;
@@ -110,20 +136,19 @@ HW_INLINE vf log_positive(vf x) {
   e = e + small;  // mask lanes are -1
   m = small ? m + m - 1.0f : m - 1.0f;
   const vf z = m * m;
-  vf y = splat(7.0376836292e-2f);
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
+  vf y = fmadd(splat(7.0376836292e-2f), m, splat(-1.1514610310e-1f));
+  y = fmadd(y, m, splat(1.1676998740e-1f));
+  y = fmadd(y, m, splat(-1.2420140846e-1f));
+  y = fmadd(y, m, splat(1.4249322787e-1f));
+  y = fmadd(y, m, splat(-1.6668057665e-1f));
+  y = fmadd(y, m, splat(2.0000714765e-1f));
+  y = fmadd(y, m, splat(-2.4999993993e-1f));
+  y = fmadd(y, m, splat(3.3333331174e-1f));
   y = y * m * z;
   const vf ef = __builtin_convertvector(e, vf);
-  y = y + ef * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return m + y + ef * 0.693359375f;
+  y = fmadd(ef, splat(-2.12194440e-4f), y);
+  y = fmadd(splat(-0.5f), z, y);
+  return fmadd(ef, splat(0.693359375f), m + y);
 }
 
 }  // namespace simd
@@ -156,21 +181,33 @@ HW_INLINE void mulhilo(uint32_t a, vu b, vu& hi, vu& lo) {
 #endif
 }
 
-// Philox 4x32-10 on kLanes counters (c0 per lane; c1, c2, c3 shared), key
-// (k0, k1). Must stay bit-identical to haltwise::philox4x32_10 in philox.h.
-HW_INLINE void philox(vu c0, uint32_t c1s, uint32_t c2s, uint32_t c3s, uint32_t k0, uint32_t k1,
-                        vu out[4]) {
+// The ten round keys of Philox 4x32-10 for key (k0, k1), splatted once per row.
+struct PhiloxKeys {
+  vu k0[10], k1[10];
+};
+HW_INLINE PhiloxKeys philox_keys(uint32_t k0, uint32_t k1) {
+  PhiloxKeys keys;
+  for (int round = 0; round < 10; ++round) {
+    keys.k0[round] = vu{} + k0;
+    keys.k1[round] = vu{} + k1;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return keys;
+}
+
+// Philox 4x32-10 on kLanes counters (c0 per lane; c1, c2, c3 shared).
+// Must stay bit-identical to haltwise::philox4x32_10 in philox.h.
+HW_INLINE void philox(vu c0, uint32_t c1s, uint32_t c2s, uint32_t c3s, const PhiloxKeys& keys, vu out[4]) {
   vu c1 = vu{} + c1s, c2 = vu{} + c2s, c3 = vu{} + c3s;
   for (int round = 0; round < 10; ++round) {
     vu hi0, lo0, hi2, lo2;
     mulhilo(0xD2511F53u, c0, hi0, lo0);
     mulhilo(0xCD9E8D57u, c2, hi2, lo2);
-    c0 = hi2 ^ c1 ^ k0;
-    c2 = hi0 ^ c3 ^ k1;
+    c0 = hi2 ^ c1 ^ keys.k0[round];
+    c2 = hi0 ^ c3 ^ keys.k1[round];
     c1 = lo2;
     c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
   }
   out[0] = c0;
   out[1] = c1;

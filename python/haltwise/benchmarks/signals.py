@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import signals_torch
 from ..signals import signals
 from .timing import median_times
 
@@ -20,11 +19,25 @@ def make_logits(batch: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> to
 
 
 def torch_eager(logits: torch.Tensor, temperature: float, top_k_conf: int):
-    """The baseline: log_softmax, entropy, topk and argmax / multinomial, in torch eager."""
-    batch = logits.shape[0]
-    zeros = torch.zeros(batch, dtype=torch.int64)
-    return signals_torch(logits, temperature=temperature, top_k_conf=top_k_conf, seed=zeros, offset=zeros,
-                         salt=zeros, sampler="multinomial")
+    """The baseline: the same outputs the way one writes them in torch eager
+    (log_softmax, entropy, topk, argmax or multinomial), lean: no placeholder
+    handling beyond a per-row status, no Philox (torch's own generator)."""
+    x = logits.float()
+    logp = torch.log_softmax(x, dim=-1)  # [B, V]
+    p = logp.exp()
+    entropy = torch.special.entr(p).sum(-1)  # -sum p log p, 0 where p == 0
+    top = logp.topk(max(top_k_conf, 2), dim=-1).values  # [B, k]
+    confidence = top[:, 0].exp()
+    margin = confidence - top[:, 1].exp()
+    topk_conf = -top[:, :top_k_conf].mean(-1)
+    if temperature == 0.0:
+        token = logp.argmax(-1)
+    else:
+        probs = p if temperature == 1.0 else torch.softmax(x / temperature, dim=-1)
+        token = torch.multinomial(probs, 1).squeeze(-1)
+    logprob = logp.gather(1, token[:, None]).squeeze(1)
+    status = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1)
+    return token, logprob, entropy, confidence, margin, topk_conf, status
 
 
 def bench_signals(sizes=SIZES, dtypes=("float32", "bfloat16"), settings=SETTINGS, *, repeats: int = 11) -> list[dict]:
