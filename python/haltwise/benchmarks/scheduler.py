@@ -25,12 +25,12 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..scheduler import Scheduler, StopConfig
 from ..scheduler_reference import ReferenceScheduler
+from ..stepper import HostSignals
 
 BATCHES = (8, 256, 4096)
 VOCAB = 1000
@@ -48,18 +48,6 @@ STOP = StopConfig(
 )
 GROUP_SIZE = 8
 IMPLEMENTATIONS = {"native": Scheduler, "python": ReferenceScheduler}
-
-
-@dataclass
-class HostSignals:
-    """One step's per-row signals as numpy arrays (what a decode loop hands the scheduler)."""
-
-    logprob: np.ndarray
-    entropy: np.ndarray
-    confidence: np.ndarray
-    margin: np.ndarray
-    topk_conf: np.ndarray
-    status: np.ndarray
 
 
 class SchedulerWorkload:
