@@ -217,7 +217,7 @@ def time_ms(fn, *, graph: bool = False) -> float | None:
 
 def time_case(x, temperature, seed, offset, salt) -> dict:
     from haltwise import signals
-    from haltwise.reference import signals_torch
+    from haltwise.benchmarks.signals import torch_eager
 
     dst = torch.empty_like(x)
     triton_fn = lambda: signals(x, temperature=temperature, top_k_conf=TOP_K_CONF, seed=seed,  # noqa: E731
@@ -225,9 +225,7 @@ def time_case(x, temperature, seed, offset, salt) -> dict:
     copy_fn = lambda: dst.copy_(x)  # noqa: E731
     timing = {
         "triton_ms": time_ms(triton_fn),
-        "torch_eager_ms": time_ms(lambda: signals_torch(x, temperature=temperature, top_k_conf=TOP_K_CONF,
-                                                        seed=seed, offset=offset, salt=salt,
-                                                        sampler="multinomial")),
+        "torch_eager_ms": time_ms(lambda: torch_eager(x, temperature, TOP_K_CONF)),
         "copy_ms": time_ms(copy_fn),
         "triton_graph_ms": time_ms(triton_fn, graph=True),
         "copy_graph_ms": time_ms(copy_fn, graph=True),

@@ -1,6 +1,6 @@
-"""Plain-torch references: the readable definition of every signal, the
-``torch`` backend of :func:`haltwise.signals`, and the eager baseline that the
-benchmarks beat.
+"""Plain-torch references: the readable definition of every signal and the
+``torch`` backend of :func:`haltwise.signals`. (The benchmarks' eager
+baseline, with torch's own sampler, is benchmarks/signals.py:torch_eager.)
 
 The sampling noise follows the contract in ``csrc/philox.h`` exactly (Philox
 4x32-10, key = the row's seed, counter = (column block, offset, salt)), so
@@ -80,15 +80,12 @@ def signals_torch(
     seed: torch.Tensor,
     offset: torch.Tensor,
     salt: torch.Tensor,
-    sampler: str = "philox",
 ) -> Signals:
     """The stop signals with plain torch ops, float32.
 
     logits: [batch, vocab] float32/float16/bfloat16, any device.
-    seed, offset, salt: int64 [batch] on the logits' device.
-    sampler: "philox" (the contract: same tokens as the other backends) or
-    "multinomial" (torch.multinomial on softmax(x / T): the eager baseline of
-    the benchmarks; not reproducible across backends).
+    seed, offset, salt: int64 [batch] on the logits' device; the sampling
+    noise follows the contract, so the tokens are those of the other backends.
     """
     x = logits.float()
     batch, vocab = x.shape
@@ -118,13 +115,9 @@ def signals_torch(
 
     if temperature == 0.0:
         token = x.argmax(-1)  # lowest index on ties
-    elif sampler == "philox":
+    else:
         inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)  # rounded once, as in every backend
         token = (x * inv_t + gumbel_noise(seed, offset, salt, vocab)).argmax(-1)
-    elif sampler == "multinomial":
-        token = torch.multinomial(torch.softmax(x / temperature, dim=-1), 1).squeeze(-1)
-    else:
-        raise ValueError(f"signals_torch: sampler must be 'philox' or 'multinomial', got {sampler!r}")
     logprob = logp.gather(1, token[:, None]).squeeze(1)
 
     zero = torch.zeros_like(confidence)

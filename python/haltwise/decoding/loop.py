@@ -33,7 +33,6 @@ from .runners import Runner
 class LoopStats:
     steps: int = 0
     tokens: int = 0  # tokens generated (decode steps over all rows, prefill first tokens included)
-    prefill_tokens: int = 0
     wall_s: float = 0.0
     max_batch: int = 0
     batch_sizes: list[int] = field(default_factory=list)
@@ -102,7 +101,6 @@ class DecodeLoop:
                 parts.append(self.runner.prefill(prompts))
                 for i, (_, slot) in enumerate(plan.admitted):
                     slot_to_row[slot] = first_row + i
-                self.stats.prefill_tokens += sum(len(p) for p in prompts)
                 self.stats.tokens += len(prompts)  # each prefill yields a first token
 
             # 5. step on the logits in the scheduler's row order (active slots, increasing)

@@ -91,7 +91,6 @@ class TraceResult:
     min_window_mean: float
     mean_logprob: float
     signals: dict | None = None
-    tokens: np.ndarray | None = None
 
     @property
     def votes(self) -> bool:
@@ -182,7 +181,7 @@ class ParallelSampler:
                 problem=p, trace=k, reason=StopReason(record.reason), num_tokens=record.num_tokens, answer=answer,
                 correct=answer is not None and answer == results[p].reference,
                 min_window_mean=record.min_window_mean, mean_logprob=record.mean_logprob,
-                signals=record.signals, tokens=record.tokens if settings.record_signals else None,
+                signals=record.signals,
             )
             results[p].traces.append(trace)
             if progress is not None:
