@@ -345,9 +345,10 @@ def test_triton_backend_on_cpu_outside_interpreter(monkeypatch):
         haltwise.signals(torch.randn(2, 5), backend="triton")
 
 
-def test_every_instruction_set_gives_identical_results():
-    # The kernel is compiled once per ISA without FMA contraction, so the
-    # generic, AVX2 and AVX-512 builds must agree bit for bit.
+def test_every_instruction_set_gives_the_same_results():
+    # The kernel is compiled once per ISA; the Gumbel score is never fused, so
+    # the generic, AVX2 and AVX-512 builds draw identical tokens; the signals
+    # (FMA in the exp/log polynomials, sums in double) agree to float32 rounding.
     import os
     import subprocess
     import sys
@@ -358,7 +359,7 @@ def test_every_instruction_set_gives_identical_results():
         "x = (torch.randn(9, 5003, generator=g) * 3).to(torch.bfloat16)\n"
         "x[2, ::3] = float('-inf')\n"
         "out = [haltwise.signals(x, temperature=t, top_k_conf=20, seed=5, offset=6, backend='native') for t in (0.0, 0.8)]\n"
-        "torch.save([tuple(o) for o in out], sys.argv[1])\n"
+        "torch.save([o._asdict() for o in out], sys.argv[1])\n"
         "print(core().signals_cpu_isa())\n"
     )
     results = {}
@@ -367,11 +368,12 @@ def test_every_instruction_set_gives_identical_results():
         env = dict(os.environ, HALTWISE_CPU_ISA=isa)
         used = subprocess.run([sys.executable, "-c", script, path], env=env, check=True, capture_output=True,
                               text=True).stdout.strip()
-        results[used] = torch.load(path)
+        results[used] = [haltwise.Signals(**o) for o in torch.load(path)]
         os.remove(path)
     assert "generic" in results
     reference = results.pop("generic")
     for isa, out in results.items():
         for a, b in zip(out, reference):
-            for x, y in zip(a, b):
-                assert torch.equal(x, y), isa
+            assert torch.equal(a.token, b.token) and torch.equal(a.status, b.status), isa
+            for field in FIELDS:
+                torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-7)
