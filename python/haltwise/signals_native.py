@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._native import core
-from .signals_types import Signals
+from .signals_types import Signals, empty_signals
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -25,15 +25,7 @@ def signals_native(
     the counter (scalar seed/offset). out: optional preallocated contiguous
     outputs (tests poison them to prove every row is written)."""
     batch, vocab = logits.shape
-    out = out if out is not None else Signals(
-        token=torch.empty(batch, dtype=torch.int64),
-        logprob=torch.empty(batch, dtype=torch.float32),
-        entropy=torch.empty(batch, dtype=torch.float32),
-        confidence=torch.empty(batch, dtype=torch.float32),
-        margin=torch.empty(batch, dtype=torch.float32),
-        topk_conf=torch.empty(batch, dtype=torch.float32),
-        status=torch.empty(batch, dtype=torch.int8),
-    )
+    out = out if out is not None else empty_signals(batch)
     sample = temperature > 0.0
     core().signals_cpu(
         logits=logits.data_ptr(),

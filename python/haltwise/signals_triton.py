@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .kernels.signals import _signals_merge_kernel, _signals_segment_kernel
-from .signals_types import Signals
+from .signals_types import Signals, empty_signals
 
 MAX_BLOCK_GREEDY = 4096
 MAX_BLOCK_SAMPLE = 2048
@@ -74,20 +74,6 @@ def segments(vocab: int, config: Plan) -> tuple[int, int]:
     the length is a multiple of config.block, the count <= config.num_segments."""
     seg_len = math.ceil(math.ceil(vocab / config.num_segments) / config.block) * config.block
     return seg_len, math.ceil(vocab / seg_len)
-
-
-def empty_signals(batch: int, device: torch.device) -> Signals:
-    """Uninitialised output buffers, each ``(batch,)`` on `device`."""
-    f32 = dict(dtype=torch.float32, device=device)
-    return Signals(
-        token=torch.empty(batch, dtype=torch.int64, device=device),
-        logprob=torch.empty(batch, **f32),
-        entropy=torch.empty(batch, **f32),
-        confidence=torch.empty(batch, **f32),
-        margin=torch.empty(batch, **f32),
-        topk_conf=torch.empty(batch, **f32),
-        status=torch.empty(batch, dtype=torch.int8, device=device),
-    )
 
 
 def empty_workspace(batch: int, num_segments: int, top_k_conf: int, device: torch.device):

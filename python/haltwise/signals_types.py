@@ -27,3 +27,17 @@ class Signals(NamedTuple):
     margin: torch.Tensor  # float32: p_(1) - p_(2); 1.0 when only one token is finite
     topk_conf: torch.Tensor  # float32: -(1/k) sum_{j<=k} log p_(j); zeros when top_k_conf == 0
     status: torch.Tensor  # int8: 0 valid, else STATUS_* bits
+
+
+def empty_signals(batch: int, device: torch.device | str = "cpu") -> Signals:
+    """Uninitialised output buffers for a backend to fill, each ``(batch,)`` on `device`."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return Signals(
+        token=torch.empty(batch, dtype=torch.int64, device=device),
+        logprob=torch.empty(batch, **f32),
+        entropy=torch.empty(batch, **f32),
+        confidence=torch.empty(batch, **f32),
+        margin=torch.empty(batch, **f32),
+        topk_conf=torch.empty(batch, **f32),
+        status=torch.empty(batch, dtype=torch.int8, device=device),
+    )
