@@ -1,10 +1,8 @@
 """haltwise.Stepper: the step function of a decode loop, in both scheduler
 layouts, and its admissions through a policy."""
-import numpy as np
 import pytest
 import torch
 
-import haltwise
 from haltwise import Policy, PolicyConfig, Scheduler, StopConfig, StopReason, Stepper
 from haltwise.stepper import TRACE_STRIDE
 

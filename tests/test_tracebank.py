@@ -1,7 +1,6 @@
 """The trace bank: round trip, and replay that agrees with the live scheduler."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

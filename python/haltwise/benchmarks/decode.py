@@ -16,12 +16,10 @@ Stepper (no cutting), and can sweep thresholds by replaying (a)'s traces.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from ..decoding.parallel import EarlyStopSettings, ParallelSampler, RunResult

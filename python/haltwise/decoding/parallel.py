@@ -92,6 +92,15 @@ class TraceResult:
     mean_logprob: float
     signals: dict | None = None
 
+    @classmethod
+    def from_record(cls, record: Finished, problem: int, trace: int, answer: int | None,
+                    reference: int) -> "TraceResult":
+        """A finished trace (trace `trace` of `problem`) with its extracted answer."""
+        return cls(problem=problem, trace=trace, reason=StopReason(record.reason), num_tokens=record.num_tokens,
+                   answer=answer, correct=answer is not None and answer == reference,
+                   min_window_mean=record.min_window_mean, mean_logprob=record.mean_logprob,
+                   signals=record.signals)
+
     @property
     def votes(self) -> bool:
         return self.reason in VOTING_REASONS
@@ -111,6 +120,15 @@ class ProblemResult:
     @property
     def correct(self) -> bool:
         return self.answer is not None and self.answer == self.reference
+
+    def vote(self, weighting: str) -> int | None:
+        """Sets and returns the answer: the vote of the traces that ended on
+        their own, in trace order (ties go to the lower trace, as in replay)."""
+        self.traces.sort(key=lambda t: t.trace)
+        voters = [t for t in self.traces if t.votes]
+        weights = [t.weight for t in voters] if weighting == "confidence" else None
+        self.answer = weighted_vote([t.answer for t in voters], weights)
+        return self.answer
 
 
 @dataclass
@@ -177,12 +195,7 @@ class ParallelSampler:
         def on_finished(record: Finished) -> None:
             p, k = divmod(record.request_id, K)
             answer = self.task.answer_of(record.tokens) if record.reason in VOTING_REASONS else None
-            trace = TraceResult(
-                problem=p, trace=k, reason=StopReason(record.reason), num_tokens=record.num_tokens, answer=answer,
-                correct=answer is not None and answer == results[p].reference,
-                min_window_mean=record.min_window_mean, mean_logprob=record.mean_logprob,
-                signals=record.signals,
-            )
+            trace = TraceResult.from_record(record, p, k, answer, results[p].reference)
             results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
@@ -203,10 +216,7 @@ class ParallelSampler:
         loop.run(on_finished)
 
         for problem in results:
-            problem.traces.sort(key=lambda t: t.trace)  # vote in trace order: ties go to the lower trace, as in replay
-            voters = [t for t in problem.traces if t.votes]
-            weights = [t.weight for t in voters] if settings.weighting == "confidence" else None
-            problem.answer = weighted_vote([t.answer for t in voters], weights)
+            problem.vote(settings.weighting)
         return RunResult(settings=settings, problems=results, loop=loop.stats)
 
     @staticmethod

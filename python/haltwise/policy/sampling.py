@@ -22,9 +22,8 @@ from typing import Callable, Sequence
 from ..decoding.loop import DecodeLoop
 from ..decoding.parallel import (VOTING_REASONS, EarlyStopSettings, ParallelSampler, ProblemResult, RunResult,
                                  TraceResult)
-from ..scheduler import Finished, Scheduler, StopConfig, StopReason
+from ..scheduler import Finished, Scheduler, StopConfig
 from ..stepper import Stepper
-from ..voting import weighted_vote
 from ..tracebank import NO_ANSWER, TraceBank
 from .policy import Policy, TraceOutcome
 
@@ -57,10 +56,7 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
         answer = task.answer_of(record.tokens) if record.reason in VOTING_REASONS else None
         records[p][k] = record
         answers[p][k] = answer
-        results[p].traces.append(TraceResult(
-            problem=p, trace=k, reason=StopReason(record.reason), num_tokens=record.num_tokens, answer=answer,
-            correct=answer is not None and answer == results[p].reference, min_window_mean=record.min_window_mean,
-            mean_logprob=record.mean_logprob))
+        results[p].traces.append(TraceResult.from_record(record, p, k, answer, results[p].reference))
         if progress is not None:
             progress(1)
 
@@ -77,10 +73,7 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
         loop.run(on_finished)
         for p in batch:
             served = policy.observe(request_offset + p, records[p], answers[p])
-            results[p].traces.sort(key=lambda t: t.trace)  # vote in trace order (ties: the lower trace), as replay
-            voters = [t for t in results[p].traces if t.votes]
-            weights = [t.weight for t in voters] if cfg.weighting == "confidence" else None
-            results[p].answer = weighted_vote([t.answer for t in voters], weights)
+            results[p].vote(cfg.weighting)
             if served != results[p].answer:  # pragma: no cover - the two votes are the same rule
                 raise RuntimeError(f"run_adaptive: the policy counted answer {served} for problem {p}, "
                                    f"the run {results[p].answer}")
