@@ -80,6 +80,7 @@ import operator
 from typing import Optional
 
 import numpy as np
+import numpy.typing as npt
 
 from ._native import core
 
@@ -298,6 +299,24 @@ class Finished(abc.ABC):
     """
 
     __slots__ = ()
+    # For type checkers only (no runtime attributes); tools/gen_stubs.py types
+    # the native class in _core.pyi from these.
+    request_id: int
+    reason: StopReason
+    group: int | None
+    num_tokens: int
+    tokens: npt.NDArray[np.int64]
+    mean_topk_conf: float
+    mean_logprob: float
+    mean_neg_entropy: float
+    mean_signal: float
+    min_window_mean: float
+    last_window_mean: float
+    last_entropy: float
+    steps_below_threshold: int
+    would_stop_step: int
+    would_stop_reason: StopReason | None
+    signals: dict[str, npt.NDArray[np.float32]] | None
 
 
 class StepPlan(abc.ABC):
@@ -326,6 +345,14 @@ class StepPlan(abc.ABC):
     """
 
     __slots__ = ()
+    # For type checkers only, as in Finished.
+    finished: list[Finished]
+    keep: npt.NDArray[np.int64]
+    admitted: list[tuple[int, int]]
+    request_ids: npt.NDArray[np.int64]
+    positions: npt.NDArray[np.int64]
+    active: npt.NDArray[np.bool_] | None
+    free_slots: npt.NDArray[np.int64] | None
 
 
 @functools.cache
