@@ -104,7 +104,7 @@ def use_source_tree() -> None:
 
 
 def reference64(x: torch.Tensor, top_k_conf: int) -> dict:
-    """float64 signals of valid rows (on x's device), from the definitions in DESIGN.md."""
+    """float64 signals of valid rows (on x's device), from the definitions in docs/signals.md."""
     x = x.double()
     lse = torch.logsumexp(x, -1)
     logp = x - lse[:, None]

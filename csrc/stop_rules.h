@@ -90,7 +90,7 @@ class StopRules {
   friend class StopTracker;
 };
 
-// The decode-step outputs of one row (DESIGN.md, "Stop signals").
+// The decode-step outputs of one row (docs/signals.md).
 struct TokenSignals {
   float logprob;
   float entropy;

@@ -1,6 +1,7 @@
 """Triton kernels of the fused stop signals (``haltwise.signals``, backend
 "triton"); the launcher is python/haltwise/signals_triton.py and the contract
-is ../shared/DESIGN.md plus csrc/philox.h for the sampling noise.
+is docs/signals.md, with docs/sampling.md and csrc/philox.h for the sampling
+noise.
 
 One pass per row segment keeps, per tile of BLOCK columns:
   - the max of the finite logits and its first column (greedy token),

@@ -1,5 +1,5 @@
 """Float64 reference of the stop signals, written from the definitions in
-DESIGN.md with numpy (independent of every backend, including the torch one).
+docs/signals.md with numpy (independent of every backend, including the torch one).
 
 The sampling noise is defined in float32 by the contract (csrc/philox.h), so
 the reference draws it the same way, with its own Philox, and scores in float64.

@@ -1,5 +1,5 @@
 """``haltwise.signals``: argument checks and backend dispatch for the fused
-per-step stop signals (definitions in DESIGN.md and in reference.py)."""
+per-step stop signals (definitions in docs/signals.md and in reference.py)."""
 from __future__ import annotations
 
 import math
