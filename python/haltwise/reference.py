@@ -27,7 +27,10 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32_10(c0, c1, c2, c3, k0, k1):
+def philox4x32_10(
+    c0: int | torch.Tensor, c1: int | torch.Tensor, c2: int | torch.Tensor, c3: int | torch.Tensor,
+    k0: int | torch.Tensor, k1: int | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox 4x32-10 on int64 tensors holding uint32 values (broadcastable).
 
     Returns the four output words as int64 tensors in [0, 2^32).
@@ -54,8 +57,8 @@ def random_bits(seed: torch.Tensor, offset: torch.Tensor, salt: torch.Tensor, vo
     k0, k1 = (seed & _MASK32)[:, None], ((seed >> 32) & _MASK32)[:, None]
     off_lo, off_hi = (offset & _MASK32)[:, None], ((offset >> 32) & _MASK32)[:, None]
     words = philox4x32_10(counter[None, :], off_lo, off_hi, salt[:, None], k0, k1)
-    words = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [batch, vocab, 4]
-    return words.gather(-1, word.expand(len(seed), vocab)[..., None]).squeeze(-1)
+    stacked = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [batch, vocab, 4]
+    return stacked.gather(-1, word.expand(len(seed), vocab)[..., None]).squeeze(-1)
 
 
 def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, salt: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -77,12 +77,16 @@ import enum
 import functools
 import math
 import operator
-from typing import Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import numpy.typing as npt
 
 from ._native import core
+
+if TYPE_CHECKING:
+    from ._core import StopRules as NativeStopRules
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1
@@ -111,7 +115,7 @@ class QueueFull(RuntimeError):
 # ---- argument checks (shared with scheduler_reference.py) ------------------------
 
 
-def check_int(where: str, name: str, value, lo: int = _INT64_MIN, hi: int = _INT64_MAX) -> int:
+def check_int(where: str, name: str, value: Any, lo: int = _INT64_MIN, hi: int = _INT64_MAX) -> int:
     """``value`` as an int in [lo, hi]; TypeError / ValueError naming it otherwise."""
     if isinstance(value, bool):
         raise TypeError(f"{where}: {name} must be an int, got bool")
@@ -125,7 +129,7 @@ def check_int(where: str, name: str, value, lo: int = _INT64_MIN, hi: int = _INT
     return value
 
 
-def check_float(where: str, name: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
+def check_float(where: str, name: str, value: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
     """``value`` as a finite float in [lo, hi]; TypeError / ValueError naming it otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__}")
@@ -136,7 +140,7 @@ def check_float(where: str, name: str, value, lo: float = -math.inf, hi: float =
     return value
 
 
-def check_bool(where: str, name: str, value) -> bool:
+def check_bool(where: str, name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{where}: {name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -168,7 +172,7 @@ class StopConfig:
     shadow: bool = False  # evaluate the confidence rules, record when they would stop, never stop on them
     record_signals: bool = False  # return the per-token signals in Finished.signals
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         where = "StopConfig"
         if isinstance(self.eos_ids, (str, bytes)) or not hasattr(self.eos_ids, "__iter__"):
             raise TypeError(f"{where}: eos_ids must be a sequence of ints, got {type(self.eos_ids).__name__}")
@@ -217,8 +221,8 @@ class StopConfig:
         )
 
 
-def check_scheduler_options(capacity, layout, max_queue, aging_steps, wave_size, group_atomic, consensus_fraction,
-                            consensus_min_votes) -> dict:
+def check_scheduler_options(capacity: Any, layout: Any, max_queue: Any, aging_steps: Any, wave_size: Any,
+                            group_atomic: Any, consensus_fraction: Any, consensus_min_votes: Any) -> dict[str, Any]:
     where = "Scheduler"
     if not isinstance(layout, str):
         raise TypeError(f"{where}: layout must be a str, got {type(layout).__name__}")
@@ -240,7 +244,8 @@ def check_scheduler_options(capacity, layout, max_queue, aging_steps, wave_size,
     )
 
 
-def check_submit(request_id, max_new_tokens, priority, group, stop) -> tuple:
+def check_submit(request_id: Any, max_new_tokens: Any, priority: Any, group: Any,
+                 stop: Any) -> tuple[int, int, int, int | None]:
     where = "submit"
     if not isinstance(stop, StopConfig):
         raise TypeError(f"{where}: stop must be a haltwise.StopConfig, got {type(stop).__name__}")
@@ -252,7 +257,7 @@ def check_submit(request_id, max_new_tokens, priority, group, stop) -> tuple:
     )
 
 
-def check_weight(weight) -> float:
+def check_weight(weight: Any) -> float:
     return 1.0 if weight is None else check_float("report_answer", "weight", weight, 0.0, 1.0)
 
 
@@ -356,7 +361,7 @@ class StepPlan(abc.ABC):
 
 
 @functools.cache
-def _core():
+def _core() -> ModuleType:
     native = core()
     native.scheduler_register_types(StopReason, QueueFull)
     StepPlan.register(native.StepPlan)
@@ -365,7 +370,7 @@ def _core():
 
 
 @functools.lru_cache(maxsize=4096)
-def _native_rules(stop: StopConfig):
+def _native_rules(stop: StopConfig) -> NativeStopRules:
     """The compiled (native) form of a StopConfig, built once per distinct config."""
     return _core().StopRules(
         eos_ids=list(stop.eos_ids),
@@ -459,7 +464,7 @@ class Scheduler:
         request_id, max_new_tokens, priority, group = check_submit(request_id, max_new_tokens, priority, group, stop)
         self._native.submit(request_id, max_new_tokens, priority, group, _native_rules(stop))
 
-    def step(self, tokens, signals) -> StepPlan:
+    def step(self, tokens: Any, signals: Any) -> StepPlan:
         """One decode step.
 
         Parameters

@@ -76,7 +76,8 @@ def segments(vocab: int, config: Plan) -> tuple[int, int]:
     return seg_len, math.ceil(vocab / seg_len)
 
 
-def empty_workspace(batch: int, num_segments: int, top_k_conf: int, device: torch.device):
+def empty_workspace(batch: int, num_segments: int, top_k_conf: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial-state buffers of the split path: float32 [batch, nseg, 4],
     int32 [batch, nseg, 4], float32 [batch, nseg, KP] (layout in kernels/signals.py)."""
     kp = triton.next_power_of_2(max(top_k_conf, 2))

@@ -31,13 +31,13 @@ class Signals(NamedTuple):
 
 def empty_signals(batch: int, device: torch.device | str = "cpu") -> Signals:
     """Uninitialised output buffers for a backend to fill, each ``(batch,)`` on `device`."""
-    f32 = dict(dtype=torch.float32, device=device)
+    f32 = torch.float32
     return Signals(
         token=torch.empty(batch, dtype=torch.int64, device=device),
-        logprob=torch.empty(batch, **f32),
-        entropy=torch.empty(batch, **f32),
-        confidence=torch.empty(batch, **f32),
-        margin=torch.empty(batch, **f32),
-        topk_conf=torch.empty(batch, **f32),
+        logprob=torch.empty(batch, dtype=f32, device=device),
+        entropy=torch.empty(batch, dtype=f32, device=device),
+        confidence=torch.empty(batch, dtype=f32, device=device),
+        margin=torch.empty(batch, dtype=f32, device=device),
+        topk_conf=torch.empty(batch, dtype=f32, device=device),
         status=torch.empty(batch, dtype=torch.int8, device=device),
     )

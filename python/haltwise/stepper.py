@@ -8,6 +8,7 @@ that continue, on the logits' device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,10 @@ import torch
 from .scheduler import Scheduler, StepPlan, StopConfig
 from .signals import signals
 from .signals_types import Signals
+
+if TYPE_CHECKING:
+    from .policy import Policy
+    from .policy.policy import Plan
 
 _FIELDS = ("logprob", "entropy", "confidence", "margin", "topk_conf")
 TRACE_STRIDE = 1024  # a policy request of K > 1 traces: trace k is scheduler request request_id * TRACE_STRIDE + k
@@ -82,8 +87,8 @@ class Stepper:
     each request :meth:`submit` admits).
     """
 
-    def submit(self, request_id: int, *, max_new_tokens: int, key=None, stop: StopConfig = StopConfig(),
-               priority: int = 0):
+    def submit(self, request_id: int, *, max_new_tokens: int, key: str | tuple[str, ...] | None = None,
+               stop: StopConfig = StopConfig(), priority: int = 0) -> Plan | None:
         """Queue a request. Without a policy: one sequence with `stop`; returns None.
 
         With a policy: ``policy.plan(request_id, key, base=stop)`` decides its
@@ -108,7 +113,7 @@ class Stepper:
         return plan
 
     def __init__(self, scheduler: Scheduler, *, temperature: float = 0.0, top_k_conf: int = 20, seed: int = 0,
-                 backend: str = "auto", policy=None):
+                 backend: str = "auto", policy: Policy | None = None) -> None:
         self.scheduler = scheduler
         self.policy = policy  # a haltwise.Policy: plans what submit() queues
         self.temperature = temperature
@@ -154,14 +159,16 @@ class Stepper:
         )
         if device.type == "cpu":  # numpy views: the scheduler reads them faster than tensors
             tokens = sig.token.numpy()
-            host = HostSignals(*(getattr(sig, f).numpy() for f in _FIELDS), status=sig.status.numpy())
+            logprob, entropy, confidence, margin, topk_conf = (getattr(sig, f).numpy() for f in _FIELDS)
+            host = HostSignals(logprob, entropy, confidence, margin, topk_conf, status=sig.status.numpy())
         else:
             # The one host sync of the step: the scheduler needs the per-row
             # values. One float64 copy holds them all exactly (tokens < 2^53).
             rows = [sig.token, sig.status] + [getattr(sig, f) for f in _FIELDS]
             packed = torch.stack([r.double() for r in rows]).cpu().numpy()  # [7, batch]
             tokens = packed[0].astype(np.int64)
-            host = HostSignals(*packed[2:].astype(np.float32), status=packed[1].astype(np.int8))
+            logprob, entropy, confidence, margin, topk_conf = packed[2:].astype(np.float32)
+            host = HostSignals(logprob, entropy, confidence, margin, topk_conf, status=packed[1].astype(np.int8))
         plan = self.scheduler.step(tokens, host)
         return self._output(plan, sig, sig.token)
 
