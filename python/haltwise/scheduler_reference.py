@@ -116,7 +116,8 @@ class _Trace:
         self.rules = request.rules
         self.pending_end: Optional[StopReason] = None
         self.tokens: list[int] = []
-        self.recorded = {name: [] for name in RECORDED_SIGNALS} if request.rules.stop.record_signals else None
+        self.recorded: Optional[dict[str, list[float]]] = (
+            {name: [] for name in RECORDED_SIGNALS} if request.rules.stop.record_signals else None)
         self.invalid = False
         self.sums = dict(topk_conf=0.0, logprob=0.0, neg_entropy=0.0, signal=0.0)
         window = request.rules.stop.window
@@ -317,8 +318,14 @@ class ReferenceScheduler:
         self._record(_never_ran(request, reason, None if group is None else group.id), request.max_new_tokens,
                      group, out)
 
-    def _end_active(self, slot: int, reason: StopReason, out: list) -> None:
+    def _trace(self, slot: int) -> _Trace:
+        """The sequence in a slot that holds one (a row of the batch, or an active request's)."""
         trace = self._slots[slot]
+        assert trace is not None, f"slot {slot} is free"
+        return trace
+
+    def _end_active(self, slot: int, reason: StopReason, out: list) -> None:
+        trace = self._trace(slot)
         request = trace.request
         del self._active[request.request_id]
         group = request.group
@@ -342,7 +349,7 @@ class ReferenceScheduler:
         group.settled = True
         ended = 0
         for slot in self._rows:
-            trace = self._slots[slot]
+            trace = self._trace(slot)
             if trace.request.group is group and trace.pending_end is None:
                 trace.pending_end = StopReason.GROUP_CONSENSUS
                 ended += 1
@@ -419,7 +426,7 @@ class ReferenceScheduler:
             self._end_queued(self._queued[request_id], StopReason.CANCELLED, self._pending)
             return True
         if request_id in self._active:
-            trace = self._slots[self._active[request_id]]
+            trace = self._trace(self._active[request_id])
             if trace.pending_end is not None:
                 return False
             trace.pending_end = StopReason.CANCELLED
@@ -525,7 +532,7 @@ class ReferenceScheduler:
         compact = self._layout == "compact"
         keep, next_rows = [], []
         for r, slot in enumerate(self._rows):
-            trace = self._slots[slot]
+            trace = self._trace(slot)
             reason = trace.pending_end
             if reason is None:
                 reason = trace.on_token(tokens[r], logprob[r], entropy[r], confidence[r], margin[r], topk_conf[r],
@@ -540,7 +547,7 @@ class ReferenceScheduler:
         admitted: list = []
         self._admit(next_rows, admitted)
         self._rows = next_rows if compact else sorted(next_rows)
-        traces = [self._slots[slot] for slot in self._rows]
+        traces = [self._trace(slot) for slot in self._rows]
         active = None if compact else _read_only(np.array([t is not None for t in self._slots], dtype=bool))
         return ReferenceStepPlan(
             finished=finished,
@@ -549,7 +556,7 @@ class ReferenceScheduler:
             request_ids=_int64([t.request.request_id for t in traces]),
             positions=_int64([len(t.tokens) for t in traces]),
             active=active,
-            free_slots=None if compact else _int64(np.flatnonzero(~active)),
+            free_slots=None if active is None else _int64(np.flatnonzero(~active)),
         )
 
     def stats(self) -> dict:

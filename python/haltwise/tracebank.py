@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class TraceBank:
         return self.signals[name][lo:hi].astype(np.float32)
 
     def save(self, path: str | Path) -> None:
-        arrays = dict(references=self.references, difficulty=self.difficulty, answers=self.answers,
+        arrays: dict[str, Any] = dict(references=self.references, difficulty=self.difficulty, answers=self.answers,
                       reasons=self.reasons, lengths=self.lengths, offsets=self.offsets,
                       meta=np.array(json.dumps(self.meta)))
         arrays.update({f"signal_{name}": values for name, values in self.signals.items()})

@@ -142,7 +142,7 @@ def hf_setup(model_dir: str | None, problems_file: str | None, cfg) -> dict:
         raise SystemExit("haltwise bench: --model DIR and --problems-file FILE.jsonl go together")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..tasks.adapters import JsonlTask
+    from ..tasks.adapters import JsonlTask, TokenIds
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
@@ -150,8 +150,13 @@ def hf_setup(model_dir: str | None, problems_file: str | None, cfg) -> dict:
     if eos is None:
         raise SystemExit(f"haltwise bench: the tokenizer in {model_dir} has no eos_token_id")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    task = JsonlTask(encode=lambda s: tokenizer(s, add_special_tokens=True)["input_ids"],
-                     decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), eos_ids=(eos,))
+    def decode(ids: TokenIds) -> str:
+        text = tokenizer.decode(list(ids), skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence in, one string out
+        return text
+
+    task = JsonlTask(encode=lambda s: tokenizer(s, add_special_tokens=True)["input_ids"], decode=decode,
+                     eos_ids=(eos,))
     problems = JsonlTask.load(problems_file)[: cfg.problems]
     return dict(cfg=replace(cfg, problems=len(problems)), problems=problems, task=task,
                 runner_factory=lambda capacity: HFRunner(model, pad_id=pad))

@@ -6,9 +6,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
 
 from . import arith
+
+# Generated token ids: a list, or the int64 array of a Finished record.
+TokenIds = Union[Sequence[int], npt.NDArray[np.int64]]
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -28,7 +34,7 @@ class ArithTask:
     def prompt_ids(self, problem: arith.Problem) -> list[int]:
         return arith.prompt_ids(problem)
 
-    def answer_of(self, token_ids: Sequence[int]) -> int | None:
+    def answer_of(self, token_ids: TokenIds) -> int | None:
         return answer_key(arith.extract_answer(arith.decode(token_ids)))
 
     def reference(self, problem: arith.Problem) -> int:
@@ -59,7 +65,7 @@ class JsonlTask:
     ids; decode: ids -> str). The answer of a trace is the last integer of its
     text."""
 
-    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str],
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[TokenIds], str],
                  eos_ids: Sequence[int]):
         self.encode, self.decode = encode, decode
         self.eos_ids = tuple(eos_ids)
@@ -82,7 +88,7 @@ class JsonlTask:
     def prompt_ids(self, problem: JsonlProblem) -> list[int]:
         return self.encode(problem.prompt)
 
-    def answer_of(self, token_ids: Sequence[int]) -> int | None:
+    def answer_of(self, token_ids: TokenIds) -> int | None:
         return answer_key(last_integer(self.decode(token_ids)))
 
     def reference(self, problem: JsonlProblem) -> int:
