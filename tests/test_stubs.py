@@ -7,11 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import haltwise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="pybind11-stubgen 3 needs Python 3.10+ (the test extra "
+                    "installs it only there); newer Pythons check the stub")
 def test_core_stub_is_fresh(tmp_path):
     out = tmp_path / "_core.pyi"
     done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gen_stubs.py"), "--output", str(out)],
