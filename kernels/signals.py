@@ -193,7 +193,10 @@ def _signals_segment_kernel(
     flags = seg * 0
     top = _top_empty(keep, KP)
     thr = _NEG_INF  # the list's minimum: a logit must beat it to enter
-    for start in range(begin, end, BLOCK):
+    # a while loop, not range(begin, end, BLOCK): Triton 3.6's interpreter, with
+    # NumPy 2, cannot take a runtime value as a range bound (compiled, both are loops)
+    start = begin
+    while start < end:
         cols = start + offs
         raw = tl.load(row_ptr + cols, mask=cols < end, other=_NEG_INF).to(tl.float32)
         x = tl.where(raw < _POS_INF, raw, _NEG_INF)  # NaN, +inf leave the math; the row gets flagged
@@ -224,6 +227,7 @@ def _signals_segment_kernel(
             if tile_best > best:
                 best = tile_best
                 best_idx = tl.min(tl.where(score == tile_best, cols, vocab))
+        start += BLOCK
 
     top = _top_values(top, keep, KP)
     if FINALIZE:

@@ -395,3 +395,59 @@ def test_gumbel_noise_matches_the_contract(seed, offset, salt):
     _gumbel_probe_kernel[(1,)](out, start, seed, offset, salt, BLOCK=block, enable_fp_fusion=False)
     expected = gumbel(seed, offset, salt, start + block)[start:]
     np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+# Compiles the kernels for CUDA targets without a GPU (Triton's own frontend,
+# MLIR passes and the ptxas bundled in its wheel), so a construct only the
+# interpreter accepts fails here. Runs in a subprocess: under TRITON_INTERPRET=1
+# the kernel modules hold interpreted functions, which cannot be compiled.
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from haltwise.kernels.signals import _signals_merge_kernel, _signals_segment_kernel
+
+OUT = {"token_ptr": "*i64", "logprob_ptr": "*fp32", "entropy_ptr": "*fp32", "confidence_ptr": "*fp32",
+       "margin_ptr": "*fp32", "topk_conf_ptr": "*fp32", "status_ptr": "*i8",
+       "part_f_ptr": "*fp32", "part_i_ptr": "*i32", "part_top_ptr": "*fp32"}
+arch, dtype, sample, finalize, block, kp = sys.argv[1:]
+sample, finalize = sample == "1", finalize == "1"
+target = GPUTarget("cuda", int(arch), 32)
+sig = {"logits_ptr": "*" + dtype, "logits_row_stride": "i64", "seed_ptr": "*i64", "offset_ptr": "*i64", **OUT,
+       "vocab": "i32", "seg_len": "i32", "inv_t": "fp32", "top_k_conf": "i32", "keep": "i32", "log_vocab": "fp32"}
+const = dict(SAMPLE=sample, SALTED=True, FINALIZE=finalize, BLOCK=int(block), KP=int(kp))
+sig.update({name: "constexpr" for name in const})
+options = dict(num_warps=8 if int(block) > 1024 else 4, enable_fp_fusion=False)
+compiled = [triton.compile(ASTSource(_signals_segment_kernel, sig, const), target=target, options=options)]
+if not finalize:
+    sig = {"logits_ptr": "*" + dtype, "logits_row_stride": "i64", **OUT, "num_segments": "i32", "vocab": "i32",
+           "top_k_conf": "i32", "keep": "i32", "log_vocab": "fp32"}
+    const = dict(SAMPLE=sample, NSEG_P=64, KP=int(kp))
+    sig.update({name: "constexpr" for name in const})
+    compiled.append(triton.compile(ASTSource(_signals_merge_kernel, sig, const), target=target,
+                                   options=dict(num_warps=4, enable_fp_fusion=False)))
+print(" ".join(str(len(k.asm["cubin"])) for k in compiled))
+"""
+
+
+@pytest.mark.parametrize(
+    "arch,dtype,sample,finalize,block,kp",
+    [
+        (90, "fp32", 1, 1, 2048, 32),  # Hopper, sampling, one segment per row
+        (80, "bf16", 0, 0, 4096, 2),  # Ampere, greedy, split rows + the merge kernel
+        (90, "fp16", 1, 0, 1024, 128),  # sampling, split rows, the largest top list
+    ],
+)
+def test_kernels_compile_for_cuda(arch, dtype, sample, finalize, block, kp, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cached kernel would hide a compile error
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(sample), str(finalize),
+                             str(block), str(kp)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"sm_{arch} {dtype}: compile failed:\n{result.stderr[-4000:]}"
+    sizes = [int(n) for n in result.stdout.split()]
+    assert len(sizes) == (1 if finalize else 2) and all(n > 0 for n in sizes), result.stdout
