@@ -22,7 +22,7 @@ import triton.language as tl
 import haltwise
 from haltwise import signals_triton as st
 from haltwise.kernels.signals import _gumbel_tile
-from signals_reference import gumbel, random_bits, reference_row
+from signals_reference import check_huge_rows, gumbel, huge_logits, random_bits, reference_row
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FIELDS = ("logprob", "entropy", "confidence", "margin", "topk_conf")
@@ -216,6 +216,31 @@ def test_logits_of_magnitude_1e4(dtype, config):
     for temperature in (0.0, 0.7):
         out = run(x, config, temperature=temperature, top_k_conf=8, seed=seed, offset=offset)
         check_against_reference(x, out, temperature=temperature, top_k_conf=8, seed=seed, offset=offset)
+
+
+# The interpreter computes with NumPy, which reports every float32 overflow
+# to +-inf (IEEE behaviour, as on the GPU); "invalid value" (a NaN made from
+# infinities) still fails the test.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("temperature", [0.5, 0.013, 0.0])
+@CONFIGS
+def test_logits_whose_ratio_to_t_overflows(temperature, config):
+    # x / T beyond float32's range: the largest logit still wins (it leads by
+    # ~1e31), and every signal matches the float64 reference (rows mixing
+    # signs make x - max overflow, so a tile's rescale and the top-k mean must too)
+    gen = torch.Generator().manual_seed(int(temperature * 1000) + 72)
+    x = huge_logits(gen, 8, 700)
+    seed = torch.randint(-2**62, 2**62, (8,), generator=gen)
+    offset = torch.randint(0, 2**40, (8,), generator=gen)
+    out = run(x, config, temperature=temperature, top_k_conf=20, seed=seed, offset=offset)
+    check_huge_rows(out, x, temperature=temperature, top_k_conf=20, seeds=seed.tolist(), offsets=offset.tolist(),
+                    salted=False)
+    native = haltwise.signals(x, temperature=temperature, top_k_conf=20, seed=seed, offset=offset, backend="native")
+    assert torch.equal(out.token, native.token)
+    pair = torch.tensor([[2e38, 3e38], [-3e38, -2e38]])
+    for s in range(3):  # the case as first reported: two logits, scalar seed
+        got = haltwise.signals(pair.to(DEVICE), temperature=temperature, seed=s, backend="triton").token.cpu()
+        assert got.tolist() == [1, 1]
 
 
 @CONFIGS
@@ -415,7 +440,8 @@ arch, dtype, sample, finalize, block, kp = sys.argv[1:]
 sample, finalize = sample == "1", finalize == "1"
 target = GPUTarget("cuda", int(arch), 32)
 sig = {"logits_ptr": "*" + dtype, "logits_row_stride": "i64", "seed_ptr": "*i64", "offset_ptr": "*i64", **OUT,
-       "vocab": "i32", "seg_len": "i32", "inv_t": "fp32", "top_k_conf": "i32", "keep": "i32", "log_vocab": "fp32"}
+       "vocab": "i32", "seg_len": "i32", "x_scale": "fp32", "noise_scale": "fp32", "top_k_conf": "i32", "keep": "i32",
+       "log_vocab": "fp32"}
 const = dict(SAMPLE=sample, SALTED=True, FINALIZE=finalize, BLOCK=int(block), KP=int(kp))
 sig.update({name: "constexpr" for name in const})
 options = dict(num_warps=8 if int(block) > 1024 else 4, enable_fp_fusion=False)

@@ -11,7 +11,7 @@ from .signals_types import MAX_TOP_K_CONF, Signals
 
 BACKENDS = ("auto", "torch", "native", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_TEMPERATURE = 1e-6  # below this (but > 0) x / T overflows float32 for large logits
+MIN_TEMPERATURE = 1e-6  # below this (but > 0) float32 scores x / T + g lose the noise for |x| ~ 10: use 0
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
