@@ -101,7 +101,8 @@ def signals(
         any row stride, unit column stride. Entries may be ``-inf`` (masked).
     temperature: float
         0 for greedy argmax (lowest index on ties); > 0 for Gumbel-max
-        sampling ``argmax_j x_j / T + g_j`` with Philox noise (csrc/philox.h).
+        sampling ``argmax_j x_j / T + g_j`` with Philox noise (csrc/philox.h),
+        scored in float32 so that x / T cannot overflow (signals_types.score_scales).
     top_k_conf: int
         k of the DeepConf token confidence, 0 (off) to 128.
     seed, offset: int or torch.Tensor
