@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "torch", "native", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_TEMPERATURE = 1e-6  # below this (but > 0) x / T overflows float32 for large logits
+MIN_TEMPERATURE = 1e-6  # below this (but > 0) float32 scores x / T + g lose the noise for |x| ~ 10: use 0
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -105,7 +105,8 @@ def signals(
         any row stride, unit column stride. Entries may be ``-inf`` (masked).
     temperature: float
         0 for greedy argmax (lowest index on ties); > 0 for Gumbel-max
-        sampling ``argmax_j x_j / T + g_j`` with Philox noise (csrc/philox.h).
+        sampling ``argmax_j x_j / T + g_j`` with Philox noise (csrc/philox.h),
+        scored in float32 so that x / T cannot overflow (signals_types.score_scales).
     top_k_conf: int
         k of the DeepConf token confidence, 0 (off) to 128.
     seed, offset: int or torch.Tensor
