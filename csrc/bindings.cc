@@ -643,6 +643,13 @@ void bind(py::module_& m) {
              out["tokens_saved_estimate"] = st.tokens_saved_estimate;
              return out;
            })
+      .def(
+          "fail_next_admissions",
+          [](PyScheduler& s, int64_t count) {
+            const auto held = lock(s);
+            s.core.fail_next_admissions(count);
+          },
+          py::arg("count"), "Testing hook: the next `count` admissions fail as if memory ran out.")
       .def_property_readonly("capacity", [](PyScheduler& s) { return s.core.capacity(); })
       .def_property_readonly("layout",
                              [](PyScheduler& s) { return s.core.layout() == Layout::kSlots ? "slots" : "compact"; })
@@ -674,6 +681,8 @@ PYBIND11_MODULE(_core, m) {
   m.attr("STATUS_POSINF") = int(kStatusPosInf);
   m.attr("STATUS_NO_FINITE") = int(kStatusNoFinite);
   m.attr("MAX_TOP_K_CONF") = kMaxTopKConf;
+  m.attr("MAX_NEW_TOKENS") = kMaxNewTokens;
+  m.attr("MAX_WINDOW") = kMaxWindow;
 
   scheduler_binding::bind(m);
 }

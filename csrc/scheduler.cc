@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
+#include <stdexcept>
 #include <string>
 
 namespace haltwise {
@@ -145,8 +147,9 @@ std::optional<int64_t> Scheduler::leader(int64_t group) const {
 
 void Scheduler::submit(int64_t request_id, int64_t max_new_tokens, int64_t priority, std::optional<int64_t> group,
                        std::shared_ptr<const StopRules> rules) {
-  if (max_new_tokens < 1)
-    throw std::invalid_argument("submit: max_new_tokens must be >= 1, got " + std::to_string(max_new_tokens));
+  if (max_new_tokens < 1 || max_new_tokens > kMaxNewTokens)
+    throw std::invalid_argument("submit: max_new_tokens must be in [1, " + std::to_string(kMaxNewTokens) + "], got " +
+                                std::to_string(max_new_tokens));
   if (!rules) throw std::invalid_argument("submit: stop rules must not be null");
   if (requests_.find(request_id) != requests_.end())
     throw std::invalid_argument("submit: request_id " + std::to_string(request_id) + " is already queued or active");
@@ -250,18 +253,57 @@ void Scheduler::end_active(int32_t slot, StopReason reason, std::vector<Finished
 
 // ---- the step -------------------------------------------------------------------
 
-void Scheduler::admit_one(QueuedRequest request, std::vector<int32_t>* next_rows, StepPlanData* plan) {
+namespace {
+
+// Room for one more element, growing geometrically (reserve(size + 1) would reallocate every time).
+template <typename T>
+void reserve_one(std::vector<T>* v) {
+  if (v->size() == v->capacity()) v->reserve(std::max<size_t>(16, v->capacity() * 2));
+}
+
+}  // namespace
+
+void Scheduler::fail_admission(uint64_t seq, StepPlanData* plan) {
+  reserve_one(&plan->finished);  // if even this fails, the request stays queued (see admit())
+  end_queued(queue_.take(seq), StopReason::kOutOfMemory, &plan->finished);
+}
+
+// Moves the queued request `seq` into the lowest free slot. Everything that
+// allocates happens first, before any state changes: if it fails, the request
+// ends with OUT_OF_MEMORY (into plan->finished), the slot stays free, and
+// false is returned. Never loses the request.
+bool Scheduler::admit_one(uint64_t seq, std::vector<int32_t>* next_rows, StepPlanData* plan) {
   const int32_t slot = free_slots_.top();
+  Sequence& s = slots_[static_cast<size_t>(slot)];
+  {
+    const QueuedRequest& queued = queue_.get(seq);
+    try {
+      if (fail_admissions_ > 0) {
+        --fail_admissions_;
+        throw std::bad_alloc();
+      }
+      s.tracker.start(queued.rules.get(), queued.max_new_tokens);
+      if (queued.group >= 0) reserve_one(&groups_[static_cast<size_t>(queued.group)].members);
+      reserve_one(next_rows);
+      reserve_one(&plan->admitted);
+    } catch (const std::bad_alloc&) {
+      fail_admission(seq, plan);
+      return false;
+    } catch (const std::length_error&) {
+      fail_admission(seq, plan);
+      return false;
+    }
+  }
+  // Nothing below allocates.
+  QueuedRequest request = queue_.take(seq);
   free_slots_.pop();
   used_[static_cast<size_t>(slot)] = 1;
-  Sequence& s = slots_[static_cast<size_t>(slot)];
   s.request_id = request.request_id;
   s.group = request.group;
   s.max_new_tokens = request.max_new_tokens;
   s.pending_end = StopReason::kNone;
   s.rules = std::move(request.rules);
-  s.tracker.start(s.rules.get(), request.max_new_tokens);
-  requests_[request.request_id] = Location{slot, request.seq};
+  requests_.find(request.request_id)->second = Location{slot, request.seq};
   if (request.group >= 0) {
     Group& group = groups_[static_cast<size_t>(request.group)];
     --group.queued;
@@ -272,29 +314,35 @@ void Scheduler::admit_one(QueuedRequest request, std::vector<int32_t>* next_rows
   next_rows->push_back(slot);
   const int64_t where = options_.layout == Layout::kCompact ? static_cast<int64_t>(next_rows->size()) - 1 : slot;
   plan->admitted.emplace_back(request.request_id, where);
+  return true;
 }
 
 void Scheduler::admit(std::vector<int32_t>* next_rows, StepPlanData* plan) {
   int64_t free_rows = static_cast<int64_t>(free_slots_.size());
   uint64_t seq = 0;
-  while (free_rows > 0 && queue_.best(step_count_, blocked_, &seq)) {
-    const int32_t g = queue_.get(seq).group;
-    if (g < 0 || !options_.group_atomic) {
-      admit_one(queue_.take(seq), next_rows, plan);
-      --free_rows;
-      continue;
+  // Memory that runs out outside a request's own state (admit_one handles
+  // that) stops admission for this step; the requests still queued stay
+  // queued, and the rows admitted so far stand.
+  try {
+    while (free_rows > 0 && queue_.best(step_count_, blocked_, &seq)) {
+      const int32_t g = queue_.get(seq).group;
+      if (g < 0 || !options_.group_atomic) {
+        if (admit_one(seq, next_rows, plan)) --free_rows;
+        continue;
+      }
+      // All or nothing: the group's wave (all its queued members without
+      // waves), at most a full batch. If it does not fit, admission waits for
+      // rows to free rather than let later requests starve the group.
+      const Group& group = groups_[static_cast<size_t>(g)];
+      int64_t unit = group.queued;
+      if (options_.wave_size > 0) unit = std::min(unit, options_.wave_size - group.wave_count);
+      unit = std::min(unit, options_.capacity);
+      if (unit > free_rows) break;
+      for (uint64_t member : queue_.group_members(g, static_cast<size_t>(unit)))
+        if (admit_one(member, next_rows, plan)) --free_rows;
     }
-    // All or nothing: the group's wave (all its queued members without
-    // waves), at most a full batch. If it does not fit, admission waits for
-    // rows to free rather than let later requests starve the group.
-    const Group& group = groups_[static_cast<size_t>(g)];
-    int64_t unit = group.queued;
-    if (options_.wave_size > 0) unit = std::min(unit, options_.wave_size - group.wave_count);
-    unit = std::min(unit, options_.capacity);
-    if (unit > free_rows) break;
-    for (uint64_t member : queue_.group_members(g, static_cast<size_t>(unit)))
-      admit_one(queue_.take(member), next_rows, plan);
-    free_rows -= unit;
+  } catch (const std::bad_alloc&) {
+    // stop admitting for this step
   }
 }
 

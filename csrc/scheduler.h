@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -92,14 +93,16 @@ class Scheduler {
   explicit Scheduler(const SchedulerOptions& options);
 
   // Queues a request. Throws std::invalid_argument (duplicate queued or active
-  // id, max_new_tokens < 1, a group whose queued members have another
-  // priority) or QueueFullError; either way nothing changes. A request for a
-  // settled group ends at once with GROUP_CONSENSUS.
+  // id, max_new_tokens outside [1, kMaxNewTokens], a group whose queued
+  // members have another priority) or QueueFullError; either way nothing
+  // changes. A request for a settled group ends at once with GROUP_CONSENSUS.
   void submit(int64_t request_id, int64_t max_new_tokens, int64_t priority, std::optional<int64_t> group,
               std::shared_ptr<const StopRules> rules);
 
   // One decode step: `in` has one entry per row of the current batch
-  // (batch_size()); throws std::invalid_argument if in.batch differs.
+  // (batch_size()); throws std::invalid_argument if in.batch differs. An
+  // admission whose state cannot be allocated (std::bad_alloc) ends that
+  // request with OUT_OF_MEMORY in this plan; its row goes to the next request.
   void step(const StepInput& in, StepPlanData* plan);
 
   bool cancel(int64_t request_id);
@@ -108,6 +111,9 @@ class Scheduler {
   std::vector<std::pair<int64_t, double>> vote(int64_t group) const;
   std::optional<int64_t> leader(int64_t group) const;
   SchedulerStats stats() const;
+
+  // Testing hook: the next `count` admissions fail as if memory ran out.
+  void fail_next_admissions(int64_t count) { fail_admissions_ = std::max<int64_t>(count, 0); }
 
   int64_t capacity() const { return options_.capacity; }
   Layout layout() const { return options_.layout; }
@@ -149,10 +155,12 @@ class Scheduler {
   void record_end(int64_t request_id, int32_t g, StopReason reason, int64_t max_new_tokens, StopSummary summary,
                   std::vector<FinishedRecord>* out);
   void admit(std::vector<int32_t>* next_rows, StepPlanData* plan);
-  void admit_one(QueuedRequest request, std::vector<int32_t>* next_rows, StepPlanData* plan);
+  void fail_admission(uint64_t seq, StepPlanData* plan);
+  bool admit_one(uint64_t seq, std::vector<int32_t>* next_rows, StepPlanData* plan);
 
   SchedulerOptions options_;
   int64_t step_count_ = 0;
+  int64_t fail_admissions_ = 0;  // fail_next_admissions()
   uint64_t next_seq_ = 0;
 
   std::vector<Sequence> slots_;  // [capacity]

@@ -285,6 +285,7 @@ class ReferenceScheduler:
         self._pending: list[ReferenceFinished] = []  # ended between steps
         self._rules: dict[StopConfig, _Rules] = {}
         self._stats = dict(submitted=0, tokens_generated=0, tokens_saved_estimate=0)
+        self._fail_admissions = 0  # _fail_next_admissions()
         self._finished_counts = {reason.name: 0 for reason in StopReason}
 
     capacity = property(lambda self: self._capacity)
@@ -446,18 +447,30 @@ class ReferenceScheduler:
                 best, best_key = head, key
         return best
 
-    def _admit_one(self, request: _Request, next_rows: list, admitted: list) -> None:
+    def _admit_one(self, request: _Request, next_rows: list, admitted: list, finished: list) -> bool:
+        """Moves a queued request into the lowest free slot; False (the request
+        ended with OUT_OF_MEMORY, into ``finished``) when its state cannot be
+        allocated."""
+        try:
+            if self._fail_admissions > 0:
+                self._fail_admissions -= 1
+                raise MemoryError("injected by _fail_next_admissions")
+            trace = _Trace(request)
+        except MemoryError:
+            self._end_queued(request, StopReason.OUT_OF_MEMORY, finished)
+            return False
         self._dequeue(request)
         slot = heapq.heappop(self._free)
-        self._slots[slot] = _Trace(request)
+        self._slots[slot] = trace
         self._active[request.request_id] = slot
         if request.group is not None:
             request.group.active += 1
             request.group.wave_count += 1
         next_rows.append(slot)
         admitted.append((request.request_id, len(next_rows) - 1 if self._layout == "compact" else slot))
+        return True
 
-    def _admit(self, next_rows: list, admitted: list) -> None:
+    def _admit(self, next_rows: list, admitted: list, finished: list) -> None:
         free = len(self._free)
         while free > 0:
             head = self._best()
@@ -465,8 +478,7 @@ class ReferenceScheduler:
                 break
             group = head.group
             if group is None or not self._group_atomic:
-                self._admit_one(head, next_rows, admitted)
-                free -= 1
+                free -= self._admit_one(head, next_rows, admitted, finished)
                 continue
             unit = len(group.queued)
             if self._wave_size > 0:
@@ -475,8 +487,11 @@ class ReferenceScheduler:
             if unit > free:
                 break  # all or nothing: wait for rows rather than starve the group
             for request in list(group.queued.values())[:unit]:
-                self._admit_one(request, next_rows, admitted)
-            free -= unit
+                free -= self._admit_one(request, next_rows, admitted, finished)
+
+    def _fail_next_admissions(self, count: int) -> None:
+        """Testing hook: the next ``count`` admissions fail as if memory ran out."""
+        self._fail_admissions = check_int("_fail_next_admissions", "count", count, 0)
 
     def _inputs(self, tokens, signals) -> tuple:
         rows = len(self._rows)
@@ -538,7 +553,7 @@ class ReferenceScheduler:
                 self._end_active(slot, reason, finished)
 
         admitted: list = []
-        self._admit(next_rows, admitted)
+        self._admit(next_rows, admitted, finished)
         self._rows = next_rows if compact else sorted(next_rows)
         traces = [self._slots[slot] for slot in self._rows]
         active = None if compact else _read_only(np.array([t is not None for t in self._slots], dtype=bool))
