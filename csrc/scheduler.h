@@ -2,7 +2,8 @@
 // decode batch, ends the ones whose stop rules fire (stop_rules.h), admits
 // queued requests into the freed rows (admission_queue.h) and tallies the
 // answer votes of groups of traces (group_vote.h). One step() per decode step;
-// everything it does per row is O(1).
+// everything it does per row is O(1), and a step costs O(rows + admissions +
+// ends), whatever the capacity: slots are created as they are first needed.
 // Plain C++17: no pybind11, no torch. Not thread-safe: callers serialise.
 // The Python API and the semantics in full: python/haltwise/scheduler.py.
 #pragma once
@@ -72,7 +73,10 @@ struct StepPlanData {
   std::vector<std::pair<int64_t, int64_t>> admitted;  // (request_id, row or slot)
   std::vector<int64_t> request_ids;      // [next batch], row order
   std::vector<int64_t> positions;        // [next batch]: tokens generated so far
-  std::vector<uint8_t> active;           // slots layout: [capacity]; compact: empty
+  // slots layout: the slots of the next batch, increasing (the active mask
+  // and the free slots are derived from it on demand); compact: empty.
+  std::vector<int32_t> active_slots;
+  int64_t capacity = 0;
 };
 
 struct SchedulerStats {
@@ -85,6 +89,7 @@ struct SchedulerStats {
   // of max_new_tokens - num_tokens: the budget they did not spend (an upper
   // bound on the tokens saved, since they might have hit EOS sooner).
   int64_t tokens_saved_estimate = 0;
+  int64_t groups = 0;  // groups held (see Scheduler::release_groups)
 };
 
 class Scheduler {
@@ -137,6 +142,9 @@ class Scheduler {
     int64_t wave_count = 0;        // members admitted in the current wave
     bool settled = false;
     bool dirty = false;  // votes or members changed: re-check the settle rule at the next step
+    bool release_candidate = false;  // in empty_groups_
+    int64_t reported_by = 0;  // the step whose plan reports the group's latest end
+    std::vector<int64_t> ended;  // its members that ended (may still report an answer)
     GroupVote vote;
   };
   // Where a queued or active request is: slot -1 while queued.
@@ -148,6 +156,7 @@ class Scheduler {
   int32_t group_index(int64_t group, bool create);
   bool group_blocked(int32_t g) const;
   void mark_dirty(int32_t g);
+  void release_groups();
   void settle_dirty_groups(std::vector<FinishedRecord>* out);
   int64_t settle(int32_t g, std::vector<FinishedRecord>* out);
   void end_queued(QueuedRequest request, StopReason reason, std::vector<FinishedRecord>* out);
@@ -163,8 +172,10 @@ class Scheduler {
   int64_t fail_admissions_ = 0;  // fail_next_admissions()
   uint64_t next_seq_ = 0;
 
-  std::vector<Sequence> slots_;  // [capacity]
-  std::vector<uint8_t> used_;    // [capacity]
+  // Slots [0, slots_.size()) exist; the free ones among them are in
+  // free_slots_. The lowest free slot is free_slots_'s top, or slots_.size()
+  // (a new one) when none is free: so slots_ grows only to the peak batch.
+  std::vector<Sequence> slots_;
   std::priority_queue<int32_t, std::vector<int32_t>, std::greater<int32_t>> free_slots_;  // lowest first
   std::vector<int32_t> rows_;    // slot of each row of the next batch
   std::vector<int32_t> next_rows_;  // scratch of step()
@@ -173,8 +184,10 @@ class Scheduler {
   std::function<bool(int32_t)> blocked_;
   std::unordered_map<int64_t, Location> requests_;        // queued and active requests by id
   std::unordered_map<int64_t, int32_t> group_indices_;    // group id -> index in groups_
-  std::vector<Group> groups_;
+  std::vector<Group> groups_;  // by index; freed indices are reused
+  std::vector<int32_t> free_groups_;  // freed indices
   std::vector<int32_t> dirty_groups_;
+  std::vector<int32_t> empty_groups_;  // groups with no queued or active member, to release
   std::unordered_map<int64_t, int32_t> awaiting_answer_;  // finished grouped requests -> group index
   std::vector<FinishedRecord> pending_finished_;          // ended between steps, for the next plan
 

@@ -60,6 +60,17 @@ Groups and votes
     ends the group's queued members at once and its active members at their
     next row, with GROUP_CONSENSUS; a later submit to a settled group ends at
     once the same way.
+Group lifetime
+    A group is released (its votes and state freed, its id forgotten) at the
+    start of the first step after the plan that reported the end of its last
+    member, if it still has no queued or active member then (checked after
+    the settle rule). Between that plan and the next step the caller may
+    report its members' answers and read ``vote`` / ``leader``; from the next
+    step on the group is unknown: ``report_answer`` of its members raises
+    ValueError, ``vote`` is ``{}``, ``leader`` None, ``settle_group`` 0, and a
+    later submit with its id starts a new group. So a server that makes a
+    group per request holds only the groups of requests in flight
+    (``stats()["groups"]``).
 Accounting
     Every submitted request ends exactly once, with one reason, and appears in
     exactly one plan's ``finished``: the plan of the step that ended it, or
@@ -497,7 +508,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Counters: submitted, active, queued, finished (reason name -> count),
-        tokens_generated, and tokens_saved_estimate: the sum, over sequences
+        tokens_generated, groups (groups held: see "Group lifetime" in this
+        module's docstring), and tokens_saved_estimate: the sum, over sequences
         ended by LOW_CONFIDENCE, CONFIDENT or GROUP_CONSENSUS, of
         max_new_tokens - num_tokens. It is the budget those sequences did not
         spend, an upper bound on the tokens saved (they might have hit EOS

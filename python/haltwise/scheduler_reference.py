@@ -238,6 +238,9 @@ class _Group:
         self.wave_count = 0
         self.settled = False
         self.dirty = False
+        self.release_candidate = False  # in the scheduler's _empty list
+        self.reported_by = 0  # the step whose plan reports the group's latest end
+        self.ended: list[int] = []  # its members that ended (they may still report an answer)
         self.tally: dict[int, float] = {}  # answer key -> weight, first-reported first
         self.votes = 0
         self.total = 0.0
@@ -281,6 +284,7 @@ class ReferenceScheduler:
         self._active: dict[int, int] = {}  # request_id -> slot
         self._groups: dict[int, _Group] = {}
         self._dirty: list[_Group] = []  # groups whose votes or members changed since the last step
+        self._empty: list[_Group] = []  # groups with no queued or active member, to release
         self._awaiting: dict[int, _Group] = {}  # finished grouped request_id -> its group
         self._pending: list[ReferenceFinished] = []  # ended between steps
         self._rules: dict[StopConfig, _Rules] = {}
@@ -300,6 +304,11 @@ class ReferenceScheduler:
             self._stats["tokens_saved_estimate"] += max_new_tokens - record.num_tokens
         if group is not None:
             self._awaiting[record.request_id] = group
+            group.ended.append(record.request_id)
+            group.reported_by = self._step_count + 1 if out is self._pending else self._step_count
+            if not group.queued and group.active == 0 and not group.release_candidate:
+                group.release_candidate = True
+                self._empty.append(group)
         out.append(record)
 
     def _dequeue(self, request: _Request) -> None:
@@ -351,6 +360,22 @@ class ReferenceScheduler:
             self._end_queued(request, StopReason.GROUP_CONSENSUS, out)
             ended += 1
         return ended
+
+    def _release_groups(self) -> None:
+        """Releases the groups whose last member's end was reported in an
+        earlier plan and that are still empty (the rule in haltwise/scheduler.py)."""
+        keep = []
+        for group in self._empty:
+            if group.queued or group.active:
+                group.release_candidate = False
+            elif group.reported_by >= self._step_count:
+                keep.append(group)
+            else:
+                for request_id in group.ended:
+                    if self._awaiting.get(request_id) is group:
+                        del self._awaiting[request_id]
+                del self._groups[group.id]
+        self._empty = keep
 
     def settle_group(self, group: int) -> int:
         group = self._groups.get(check_int("settle_group", "group", group))
@@ -536,6 +561,7 @@ class ReferenceScheduler:
             group.dirty = False
             if not group.settled and group.settled_by_vote(self._fraction, self._min_votes):
                 self._settle(group, finished)
+        self._release_groups()
 
         compact = self._layout == "compact"
         keep, next_rows = [], []
@@ -575,6 +601,7 @@ class ReferenceScheduler:
             finished=dict(self._finished_counts),
             tokens_generated=self._stats["tokens_generated"],
             tokens_saved_estimate=self._stats["tokens_saved_estimate"],
+            groups=len(self._groups),
         )
 
     def __repr__(self) -> str:
