@@ -114,11 +114,15 @@ def format_show(report: dict) -> str:
 
 def _show(args) -> int:
     from .policy import Policy
+    from .store import PolicyDatabaseError
 
     if not Path(args.db).exists():
         print(f"haltwise policy show: DB {args.db} does not exist", file=sys.stderr)
         return 2
-    policy = Policy.open(args.db)
+    try:  # read-only: never writes, works on a read-only file and while the serving process writes
+        policy = Policy.open(args.db, readonly=True)
+    except PolicyDatabaseError as e:
+        raise CliError(str(e)) from None
     try:
         report = policy.report(last_changes=args.last)
     finally:
