@@ -126,6 +126,11 @@ class Stepper:
         request_id = check_int("Stepper.submit", "request_id", request_id, REQUEST_ID_MIN, REQUEST_ID_MAX)
         # the arguments, before the policy records a plan
         check_submit(trace_id(request_id, 0), max_new_tokens, priority, request_id, stop)
+        room = self._queue_room()
+        most = self.policy.config.traces  # no plan has more traces (fewer under overload)
+        if room is not None and room < most:  # cheap refusal before planning (a plan undone costs a reload)
+            raise QueueFull(f"Stepper.submit: request {request_id} needs up to {most} queue places, {room} are free "
+                            f"(max_queue={self.scheduler.max_queue}); nothing was queued or planned")
 
         def admit(plan) -> None:  # inside the policy's planning transaction: raising undoes the plan
             if plan.traces > TRACE_STRIDE:

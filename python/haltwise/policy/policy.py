@@ -265,15 +265,35 @@ class Policy:
         """One public call's transaction. The in-memory state is rebuilt from
         the database first if another process committed since our last call,
         and after a failure (the transaction rolled back)."""
+        undo: list = []  # the body may push a cheap undo of the in-memory state; else a failure reloads it
         try:
             with self.store.transaction():
                 if self.store.changed_elsewhere():
                     self._load()
-                yield
+                yield undo
         except BaseException:
-            if not self.store.readonly:
+            if undo:
+                undo[-1]()
+            elif not self.store.readonly:
                 self._load()
             raise
+
+    def _snapshot(self, names: list[str]) -> Callable[[], None]:
+        """An undo of what planning changes in memory: the request counter and
+        the buckets on one path (created or updated)."""
+        seq, persisted = self._seq, set(self._persisted)
+        saved = {name: {**self._buckets[name].to_dict(), "grid": self._buckets[name].grid}
+                 if name in self._buckets else None for name in names}
+
+        def undo() -> None:
+            self._seq, self._persisted = seq, persisted
+            for name, state in saved.items():
+                if state is None:
+                    self._buckets.pop(name, None)
+                    self._evidence.pop(name, None)
+                else:
+                    self._buckets[name] = BucketState.from_dict(state)
+        return undo
 
     def _refresh(self) -> None:
         """Before a report: catch up with what other processes committed."""
@@ -360,9 +380,10 @@ class Policy:
         with self._lock:
             if self.store.request(request_id) is not None:
                 raise ValueError(f"plan: request_id {request_id} was already planned")
-            with self._write():
+            with self._write() as undo:
                 if self.store.request(request_id) is not None:  # planned by another process meanwhile
                     raise ValueError(f"plan: request_id {request_id} was already planned")
+                undo.append(self._snapshot(path_of(parts)))
                 plan = self._plan(request_id, parts, base, control)
                 if admit is not None:
                     admit(plan)
