@@ -18,10 +18,7 @@ import pytest
 
 from haltwise.policy import Policy, PolicyConfig, TraceOutcome
 from haltwise.policy.cli import main
-try:
-    from haltwise.policy.store import PolicyDatabaseError
-except ImportError:  # the name this module tests
-    PolicyDatabaseError = ValueError
+from haltwise.policy import PolicyDatabaseError
 from haltwise.scheduler import StopReason
 
 CONFIG = PolicyConfig(traces=2, warmup_requests=2, window=4, min_new_tokens=2)

@@ -195,8 +195,14 @@ class Policy:
         Knobs; None: the defaults, or the stored config of an existing database.
     db: str | os.PathLike
         SQLite file (WAL mode), or ":memory:" (nothing survives the process).
-        An existing file resumes where it stopped; a config that differs from
-        the stored one raises ValueError naming the fields.
+        Where no file exists a new database is created; an existing file
+        resumes where it stopped if it is a haltwise policy database (else
+        PolicyDatabaseError, the file untouched); a config that differs from
+        the stored one raises ValueError naming the fields. Several
+        processes may share one database.
+    readonly: bool
+        Open an existing database without writing (reports); calls that
+        write raise PolicyDatabaseError.
     clock: callable
         Seconds since the epoch, for audit and feedback times only (decisions
         never read the clock).
