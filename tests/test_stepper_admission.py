@@ -96,3 +96,24 @@ def test_plain_submit_is_unchanged():
     stepper = Stepper(Scheduler(2))
     assert stepper.submit(1, max_new_tokens=2, stop=StopConfig()) is None
     assert stepper.scheduler.stats()["queued"] == 1
+
+
+def test_a_plan_that_fails_to_commit_withdraws_its_queued_traces(monkeypatch):
+    stepper, policy = _stepper(4, capacity=8)
+    store = policy.store
+    real = store.transaction
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def failing_commit():
+        with real() as conn:
+            yield conn
+        raise OSError("disk full")  # the COMMIT went through here, but the caller must see a failure
+
+    monkeypatch.setattr(store, "transaction", failing_commit)
+    with pytest.raises(OSError, match="disk full"):
+        stepper.submit(4, max_new_tokens=2)
+    monkeypatch.undo()
+    assert _drain(stepper) == []  # the 4 queued traces were withdrawn: no record reaches the caller
+    assert stepper.scheduler.stats()["queued"] == 0

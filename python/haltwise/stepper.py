@@ -132,6 +132,8 @@ class Stepper:
             raise QueueFull(f"Stepper.submit: request {request_id} needs up to {most} queue places, {room} are free "
                             f"(max_queue={self.scheduler.max_queue}); nothing was queued or planned")
 
+        admitted: list[int] = []
+
         def admit(plan) -> None:  # inside the policy's planning transaction: raising undoes the plan
             if plan.traces > TRACE_STRIDE:
                 raise ValueError(f"Stepper.submit: a plan may have at most {TRACE_STRIDE} traces, got {plan.traces}")
@@ -146,12 +148,21 @@ class Stepper:
                                           group=request_id, stop=plan.stop)
                     queued.append(trace_id(request_id, k))
             except BaseException:
-                for sid in queued:
-                    if self.scheduler.cancel(sid):
-                        self._withdrawn[sid] += 1
+                self._withdraw(queued)
                 raise
+            admitted.extend(queued)
 
-        return self.policy.plan(request_id, key, base=stop, admit=admit)
+        try:
+            return self.policy.plan(request_id, key, base=stop, admit=admit)
+        except BaseException:
+            self._withdraw(admitted)  # queued, but the plan's transaction failed to commit: undo the queueing too
+            raise
+
+    def _withdraw(self, scheduler_ids: list[int]) -> None:
+        """Cancel queued traces of an admission that failed; their CANCELLED records are dropped."""
+        for sid in scheduler_ids:
+            if self.scheduler.cancel(sid):
+                self._withdrawn[sid] += 1
 
     def _queue_room(self) -> int | None:
         """Free queue places, or None if the scheduler does not say."""
