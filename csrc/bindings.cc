@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -322,21 +323,32 @@ PyObject* plan_positions(PyObject* self, void*) {
   PlanObject* p = plan_of(self);
   return cached(&p->positions, [p] { return read_only_array(p->data->positions.data(), p->data->positions.size()); });
 }
+// The slots layout's mask and free slots, built on first access from the
+// plan's active slots (increasing): O(capacity) only for a caller that reads them.
 PyObject* plan_active(PyObject* self, void*) {
   PlanObject* p = plan_of(self);
   if (!p->slots) Py_RETURN_NONE;
   return cached(&p->active, [p] {
-    static_assert(sizeof(bool) == sizeof(uint8_t), "bool arrays are copied from uint8 flags");
-    return read_only_array(reinterpret_cast<const bool*>(p->data->active.data()), p->data->active.size());
+    std::unique_ptr<bool[]> mask(new bool[static_cast<size_t>(p->data->capacity)]());
+    for (int32_t slot : p->data->active_slots) mask[static_cast<size_t>(slot)] = true;
+    return read_only_array(mask.get(), static_cast<size_t>(p->data->capacity));
   });
 }
 PyObject* plan_free_slots(PyObject* self, void*) {
   PlanObject* p = plan_of(self);
   if (!p->slots) Py_RETURN_NONE;
   return cached(&p->free_slots, [p] {
+    const auto& active = p->data->active_slots;
     std::vector<int64_t> free;
-    for (size_t slot = 0; slot < p->data->active.size(); ++slot)
-      if (!p->data->active[slot]) free.push_back(static_cast<int64_t>(slot));
+    free.reserve(static_cast<size_t>(p->data->capacity) - active.size());
+    size_t next = 0;
+    for (int64_t slot = 0; slot < p->data->capacity; ++slot) {
+      if (next < active.size() && active[next] == slot) {
+        ++next;
+      } else {
+        free.push_back(slot);
+      }
+    }
     return read_only_array(free.data(), free.size());
   });
 }
@@ -641,8 +653,16 @@ void bind(py::module_& m) {
              out["finished"] = finished;
              out["tokens_generated"] = st.tokens_generated;
              out["tokens_saved_estimate"] = st.tokens_saved_estimate;
+             out["groups"] = st.groups;
              return out;
            })
+      .def(
+          "fail_next_admissions",
+          [](PyScheduler& s, int64_t count) {
+            const auto held = lock(s);
+            s.core.fail_next_admissions(count);
+          },
+          py::arg("count"), "Testing hook: the next `count` admissions fail as if memory ran out.")
       .def_property_readonly("capacity", [](PyScheduler& s) { return s.core.capacity(); })
       .def_property_readonly("layout",
                              [](PyScheduler& s) { return s.core.layout() == Layout::kSlots ? "slots" : "compact"; })
@@ -674,6 +694,8 @@ PYBIND11_MODULE(_core, m) {
   m.attr("STATUS_POSINF") = int(kStatusPosInf);
   m.attr("STATUS_NO_FINITE") = int(kStatusNoFinite);
   m.attr("MAX_TOP_K_CONF") = kMaxTopKConf;
+  m.attr("MAX_NEW_TOKENS") = kMaxNewTokens;
+  m.attr("MAX_WINDOW") = kMaxWindow;
 
   scheduler_binding::bind(m);
 }
