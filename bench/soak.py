@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     print(f"{result.requests} requests in {result.seconds:.0f} s ({summary['requests_per_s']:.0f}/s): "
           f"{result.observed} observed, {result.cancelled} cancelled, {result.rejected} rejected; "
           f"{result.queue_full} QueueFull and {result.clashes} id clashes retried; {result.traces} traces, "
-          f"{result.tokens} tokens, {result.labels} labels, {result.user_reports} user reports")
+          f"{result.tokens} tokens, {result.labels} labels, {result.user_reports} user reports; at most "
+          f"{result.max_groups} groups held at once")
     print(f"RSS: {rss['after_warmup']:.1f} MiB after 10% of the requests, {rss['end']:.1f} MiB at the end "
           f"(growth {rss['growth_after_warmup']:+.1f} MiB, max {rss['max']:.1f} MiB)")
     if args.json:

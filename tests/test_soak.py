@@ -14,3 +14,4 @@ def test_every_request_ends_exactly_once(tmp_path):
     assert result.queue_full and result.clashes and result.labels and result.user_reports
     assert result.traces >= 4 * (result.observed + result.cancelled) * 0.5  # groups of traces (fewer in overload)
     assert result.rss_growth_mb() < 64
+    assert 0 < result.max_groups <= 64 + 96  # released as they end: at most the running and queued ones

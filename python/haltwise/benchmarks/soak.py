@@ -59,6 +59,7 @@ class SoakResult:
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    max_groups: int = 0  # most groups the scheduler held at once (stays bounded when groups are released)
     rss_mb: list = field(default_factory=list)  # (requests ended, RSS MiB) samples
 
     @property
@@ -231,7 +232,9 @@ def run_soak(requests: int, *, capacity: int = 256, traces: int = 4, max_queue: 
                 cancel(rid)
         admit_some()
         if result.steps % 64 == 0:
-            policy.observe_load(queue_depth=float(scheduler.stats()["queued"]))
+            stats = scheduler.stats()
+            result.max_groups = max(result.max_groups, stats.get("groups", 0))
+            policy.observe_load(queue_depth=float(stats["queued"]))
         if stepper.batch_size:
             out = stepper.step(torch.randn(stepper.batch_size, VOCAB))
         else:
@@ -248,6 +251,8 @@ def run_soak(requests: int, *, capacity: int = 256, traces: int = 4, max_queue: 
             on_record(record)
     result.seconds = time.perf_counter() - t0
     stats = scheduler.stats()
+    if stats.get("groups", 0):  # every group's members ended: the scheduler must have released it
+        raise SoakError(f"the scheduler still holds {stats['groups']} groups after every request ended")
     if open_requests or pending or blocked or foreign or next(fresh, None) is not None or stats["active"] or stats["queued"]:
         raise SoakError(f"left over: {len(open_requests)} open, {len(pending)} pending, {len(foreign)} direct, "
                         f"scheduler {stats}")
