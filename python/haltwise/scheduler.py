@@ -465,6 +465,7 @@ class Scheduler:
                                           consensus_fraction, consensus_min_votes)
         self._native = _core().Scheduler(**options)
         self._step = self._native.step
+        self._max_queue = options["max_queue"]
 
     @property
     def capacity(self) -> int:
@@ -473,6 +474,11 @@ class Scheduler:
     @property
     def layout(self) -> str:
         return self._native.layout
+
+    @property
+    def max_queue(self) -> int:
+        """Most queued requests; submit() beyond raises QueueFull."""
+        return self._max_queue
 
     @property
     def batch_size(self) -> int:

@@ -600,6 +600,10 @@ class ReferenceScheduler:
             free_slots=None if active is None else _int64(np.flatnonzero(~active)),
         )
 
+    @property
+    def max_queue(self) -> int:
+        return self._max_queue
+
     def stats(self) -> dict:
         return dict(
             submitted=self._stats["submitted"],

@@ -72,11 +72,27 @@ class JsonlTask:
 
     @staticmethod
     def load(path: str | Path) -> list[JsonlProblem]:
+        """The problems of a JSONL file; ValueError naming the file and the
+        line (1-based) of the first bad one, FileNotFoundError if missing."""
+        data = Path(path).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); expected one JSON "
+                             f"object per line") from None
         problems = []
-        for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                kind = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+                        type(None): "null"}.get(type(row), type(row).__name__)
+                raise ValueError(f'{path}:{n}: each line must be a JSON object {{"prompt": str, "answer": int}}, '
+                                 f"got {kind}")
             if not isinstance(row.get("prompt"), str) or isinstance(row.get("answer"), bool) \
                     or not isinstance(row.get("answer"), int):
                 raise ValueError(f"{path}:{n}: each line needs a string 'prompt' and an int 'answer', got {row!r}")
