@@ -7,7 +7,7 @@ import typing
 import numpy as np
 import numpy.typing as npt
 from haltwise.scheduler import StopReason
-__all__: list[str] = ['Finished', 'MAX_TOP_K_CONF', 'STATUS_NAN', 'STATUS_NO_FINITE', 'STATUS_POSINF', 'Scheduler', 'StepPlan', 'StopRules', 'philox4x32_10', 'scheduler_register_types', 'signals_cpu', 'signals_cpu_isa']
+__all__: list[str] = ['Finished', 'MAX_NEW_TOKENS', 'MAX_TOP_K_CONF', 'MAX_WINDOW', 'STATUS_NAN', 'STATUS_NO_FINITE', 'STATUS_POSINF', 'Scheduler', 'StepPlan', 'StopRules', 'philox4x32_10', 'scheduler_register_types', 'signals_cpu', 'signals_cpu_isa']
 class Finished:
     """
     A sequence that ended (haltwise.Finished documents the fields).
@@ -117,6 +117,10 @@ class Scheduler:
         ...
     def cancel(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
+    def fail_next_admissions(self, count: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Testing hook: the next `count` admissions fail as if memory ran out.
+        """
     def leader(self, group: typing.SupportsInt | typing.SupportsIndex) -> int | None:
         ...
     def report_answer(self, request_id: typing.SupportsInt | typing.SupportsIndex, answer_key: typing.SupportsInt | typing.SupportsIndex, weight: typing.SupportsFloat | typing.SupportsIndex) -> None:
@@ -156,7 +160,9 @@ def signals_cpu_isa() -> str:
     """
     Instruction set the CPU kernel dispatches to here.
     """
+MAX_NEW_TOKENS: int = 16777216
 MAX_TOP_K_CONF: int = 128
+MAX_WINDOW: int = 65536
 STATUS_NAN: int = 1
 STATUS_NO_FINITE: int = 4
 STATUS_POSINF: int = 2
