@@ -12,14 +12,17 @@
 #
 # Environment: PYTHON (the interpreter the wheel is for, default python3),
 # HALTWISE_TARGET_GLIBC (default 2.28), HALTWISE_TOOLS_VENV (where the pinned
-# build tools go, default build/release-tools).
+# build tools go, default ~/.cache/haltwise/release-tools-<python version>:
+# outside the checkout, so that zig's cache of its libc++ build, keyed by the
+# path zig is installed at, serves every later build on the machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 GLIBC=${HALTWISE_TARGET_GLIBC:-2.28}
 MAX_GLIBC=2.28  # the newest manylinux tag this script accepts
-TOOLS=${HALTWISE_TOOLS_VENV:-build/release-tools}
+PY_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+TOOLS=${HALTWISE_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/haltwise/release-tools-$PY_VERSION}
 ARCH=$(uname -m)
 case "$ARCH" in
   x86_64 | aarch64) ;;
