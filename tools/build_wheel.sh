@@ -48,7 +48,11 @@ for tool in cc c++ ar ranlib; do
   chmod +x "$ZIG_DIR/zig-$tool"
 done
 export CC="$ZIG_DIR/zig-cc" CXX="$ZIG_DIR/zig-c++"
+# CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF: the extension does not use LTO, and
+# without it set pybind11 probes -flto by linking test programs, for which zig
+# first rebuilds its whole libc++ with LTO (minutes).
 export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_AR=$ZIG_DIR/zig-ar -DCMAKE_RANLIB=$ZIG_DIR/zig-ranlib"
+CMAKE_ARGS="$CMAKE_ARGS -DCMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 "$CXX" --version | head -n 1
 
