@@ -36,6 +36,33 @@ def run_once(exe: str, repeats: int) -> list[dict]:
     return rows
 
 
+# --focus: only the native kernel at (64, 128256) fp32, k=20, T=0 and T=1, in
+# short processes: more alternations per minute than the whole suite allows.
+FOCUS = """
+import json, sys, torch
+from haltwise.benchmarks.signals import make_logits
+from haltwise.benchmarks.timing import median_times
+from haltwise.signals import signals
+from haltwise._native import core
+x = make_logits(64, 128256, torch.float32)
+rows = []
+for t in (0.0, 1.0):
+    ms = median_times({"native": lambda: signals(x, temperature=t, top_k_conf=20, seed=1, offset=2,
+                                                  backend="native")}, repeats=int(sys.argv[1]))["native"] * 1e3
+    rows.append({"batch": 64, "vocab": 128256, "dtype": "float32", "temperature": t, "top_k_conf": 20,
+                 "native_ms": ms, "isa": core().signals_cpu_isa()})
+print(json.dumps(rows))
+"""
+
+
+def run_focus(exe: str, repeats: int) -> list[dict]:
+    env = dict(os.environ)
+    env.pop("HALTWISE_CPU_ISA", None)
+    out = subprocess.run([os.path.join(os.path.dirname(exe), "python"), "-c", FOCUS, str(repeats)], env=env,
+                         check=True, capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def key(row: dict) -> tuple:
     return (row["batch"], row["vocab"], row["dtype"], row["temperature"], row["top_k_conf"])
 
@@ -47,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=11, help="passed to `haltwise bench signals`")
     parser.add_argument("--json", help="write every run's rows here")
+    parser.add_argument("--focus", action="store_true",
+                        help="time only the native kernel at (64, 128256) fp32, k=20 (not the whole suite)")
     args = parser.parse_args(argv)
 
     times: dict[str, dict[tuple, list[float]]] = {"a": {}, "b": {}}
@@ -55,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         order = ("a", "b") if r % 2 == 0 else ("b", "a")
         for name in order:
-            rows = run_once(getattr(args, name), args.repeats)
+            rows = (run_focus if args.focus else run_once)(getattr(args, name), args.repeats)
             runs.append({"round": r, "install": name, "rows": rows})
             for row in rows:
                 times[name].setdefault(key(row), []).append(row["native_ms"])
