@@ -36,7 +36,7 @@ class PolicyConfig:
     # warm-up, candidates, start
     warmup_requests: int = 8
     keep_percent: float = 90.0
-    start: str = "deepconf"
+    start: str = "uncut"
     grid_size: int = 40
     grid_low: float = 0.01
     grid_high: float = 0.9
@@ -218,7 +218,8 @@ KNOBS: list[tuple[str, str]] = [
     ("weighting", "Vote weighting: 'majority' or 'confidence' (exp mean logprob)."),
     ("warmup_requests", "First requests of a new bucket that run uncut and calibrate it."),
     ("keep_percent", "DeepConf start: the threshold keeps this percent of warm-up traces."),
-    ("start", "'deepconf' (the warm-up percentile until the bucket is certified) or 'uncut'."),
+    ("start", "Before a bucket (or an ancestor) is certified: 'uncut' (no cut: loses nothing before anything is "
+              "certified) or 'deepconf' (the warm-up percentile, not certified: can lose more than epsilon)."),
     ("grid_size", "Candidate thresholds per bucket: this many warm-up quantiles plus as many evenly spaced values "
                   "between the first and last."),
     ("grid_low", "Quantile of warm-up lowest window means of the safest candidate."),
