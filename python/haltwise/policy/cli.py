@@ -168,7 +168,7 @@ def _show(args) -> int:
 def _replay(args) -> int:
     from ..tracebank import TraceBank
     from .config import PolicyConfig
-    from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_payload, plot_report, run_replay
+    from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_default, json_payload, plot_report, run_replay
     from .synthetic import synthetic_bank
 
     check_output("--json", args.json)
@@ -199,7 +199,7 @@ def _replay(args) -> int:
     print(f"({report['seconds']['total']:.1f} s)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(json_payload(report), indent=2, default=str) + "\n")
+        Path(args.json).write_text(json.dumps(json_payload(report), indent=2, default=json_default) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         plot_report(report, args.plot)
