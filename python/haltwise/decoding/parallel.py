@@ -18,6 +18,7 @@ import numpy as np
 
 from ..scheduler import Finished, Scheduler, StopConfig, StopReason
 from ..stepper import Stepper
+from ..trace_rules import VOTING_REASONS, lowest_group_confidence, vote_weight
 from ..voting import vote_settled, warmup_threshold, weighted_vote
 from .loop import DecodeLoop, LoopStats
 from .runners import Runner
@@ -26,14 +27,6 @@ from .runners import Runner
 _MEAN_FIELDS = {"topk_conf": "mean_topk_conf", "logprob": "mean_logprob", "neg_entropy": "mean_neg_entropy"}
 
 
-def lowest_group_confidence(min_window_mean: float, whole_mean: float) -> float:
-    """DeepConf's per-trace confidence: the lowest sliding-window mean, or the
-    whole trace's mean when the trace is shorter than the window."""
-    return whole_mean if math.isnan(min_window_mean) else min_window_mean
-
-
-# Traces whose answer counts: they ended on their own, not cut or dropped.
-VOTING_REASONS = frozenset({StopReason.EOS, StopReason.STOP_SEQUENCE, StopReason.MAX_TOKENS, StopReason.CONFIDENT})
 
 
 class Task(Protocol):
@@ -133,7 +126,7 @@ class TraceResult:
 
     @property
     def weight(self) -> float:
-        return math.exp(self.mean_logprob) if not math.isnan(self.mean_logprob) else 0.0
+        return vote_weight(self.mean_logprob)
 
 
 @dataclass

@@ -45,6 +45,7 @@ import numpy as np
 from ..scheduler import StopConfig, StopReason, check_bool, check_float, check_int
 from ..voting import weighted_vote
 from . import ltt
+from ..trace_rules import vote_weight
 from .anytime import AnytimeState, Certifier, policy_families
 from .buckets import BucketState, SliceCounts, needs_warmup, normalize_key, path_of, resolve
 from .calibration import (VOTING_REASONS, CandidateOutcomes, TraceProfile, candidate_outcomes, deepconf_index,
@@ -579,7 +580,7 @@ class Policy:
 
     def _vote(self, outcomes: Sequence[TraceOutcome]) -> int | None:
         voters = [t for t in outcomes if StopReason(int(t.reason)) in VOTING_REASONS and t.answer is not None]
-        weights = [math.exp(t.mean_logprob) if not math.isnan(t.mean_logprob) else 0.0 for t in voters] \
+        weights = [vote_weight(t.mean_logprob) for t in voters] \
             if self.config.weighting == "confidence" else None
         return weighted_vote([int(t.answer) for t in voters], weights)
 
@@ -596,7 +597,7 @@ class Policy:
         keep_traces = keep_signals or kind == "shadow"
         if kind == "shadow":
             voting = [StopReason(int(t.reason)) in VOTING_REASONS for t in outcomes]
-            weights = [math.exp(t.mean_logprob) if not math.isnan(t.mean_logprob) else 0.0 for t in outcomes] \
+            weights = [vote_weight(t.mean_logprob) for t in outcomes] \
                 if cfg.weighting == "confidence" else None
             would = would_have(outcomes, [None if t.answer is None else int(t.answer) for t in outcomes], voting,
                                weights)

@@ -42,6 +42,7 @@ import numpy as np
 from ..scheduler import StopReason
 from ..tracebank import BUNDLED_BANK, NO_ANSWER, TraceBank
 from ..voting import weighted_vote
+from ..trace_rules import vote_weight, vote_weights
 from .calibration import VOTING_REASONS, TraceProfile, trace_profile, vote_matrix
 from .config import PolicyConfig
 from .policy import Policy, TraceOutcome
@@ -217,7 +218,7 @@ def run_replay(bank: TraceBank, policy_config: PolicyConfig, cfg: ReplayConfig, 
         served = policy.observe(r, outcomes)
         full = req.subset[:K]
         voters = [int(traces.answers[p, k]) for k in full if traces.votes[p, k]]
-        weights = [math.exp(traces.mean_logprob[p, k]) for k in full if traces.votes[p, k]] \
+        weights = [vote_weight(traces.mean_logprob[p, k]) for k in full if traces.votes[p, k]] \
             if weighting == "confidence" else None
         uncut = weighted_vote(voters, weights)
         reference = int(bank.references[p])
@@ -330,7 +331,7 @@ def _fixed_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
     request_tokens = np.zeros((len(stream), T), dtype=np.int64)
     for i, req in enumerate(stream):
         p, ks = req.problem, req.subset[:K]
-        weights = np.exp(traces.mean_logprob[p, ks]) if pc.weighting == "confidence" else None
+        weights = vote_weights(traces.mean_logprob[p, ks]) if pc.weighting == "confidence" else None
         winners = vote_matrix(traces.answers[p, ks], weights, kept_all[p, ks].T)
         request_tokens[i] = lengths_all[p, ks].sum(axis=0)
         per_request[i] = winners == bank.references[p]
