@@ -12,7 +12,7 @@ the policy (observe) and labelled (feedback with the reference), so the
 policy learns within the run as it would in service. The first chunk is all
 planned before any label exists, so a fresh policy starts it in warm-up /
 DeepConf start; pass a policy already calibrated (e.g. by
-:func:`calibrate_from_run` on run (a)'s traces) to start certified.
+:func:`calibrate_from_run` on run `uncut`'s traces) to start certified.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
 
 def calibrate_from_run(policy: Policy, run: RunResult, problems: Sequence, *,
                        key: Callable[[object], str | None] = lambda problem: None, request_offset: int = 0) -> int:
-    """Feeds an uncut run recorded with ``record_signals`` (bench run (a)) to
+    """Feeds an uncut run recorded with ``record_signals`` (bench run `uncut`) to
     the policy as forced control requests with their labels, so the policy
     starts certified. The run's problems should be a random sample of the
     traffic the policy will serve (and, for an honest benchmark, not the
