@@ -22,8 +22,14 @@ from haltwise.voting import warmup_threshold, weighted_vote
 values_strategy = arrays(np.float64, st.integers(1, 60), elements=st.floats(-6, 0, allow_nan=False, width=32))
 
 
-def test_voting_reasons_match_the_decode_loop():
-    assert VOTING_REASONS == PARALLEL_VOTING_REASONS
+def test_voting_reasons_and_vote_weight_have_one_definition():
+    from haltwise import trace_rules
+
+    assert VOTING_REASONS is PARALLEL_VOTING_REASONS is trace_rules.VOTING_REASONS
+    assert trace_rules.vote_weight(float("nan")) == 0.0
+    assert trace_rules.vote_weight(-0.5) == pytest.approx(math.exp(-0.5))
+    w = trace_rules.vote_weights([-0.5, float("nan"), 0.0])
+    assert w.tolist() == pytest.approx([math.exp(-0.5), 0.0, 1.0])
 
 
 @settings(max_examples=150, deadline=None)

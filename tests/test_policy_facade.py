@@ -217,3 +217,34 @@ def test_warmup_too_short_to_calibrate_starts_again():
     assert not policy.thresholds()[""]["frozen"]
     assert policy.audit()[-1]["reason"].startswith("warm-up traces too short")
     assert policy.plan(2).kind == "warmup"
+
+
+def test_the_policy_certifies_only_at_the_checkpoints_of_its_re_test_schedule():
+    """End to end: the bucket becomes ready at the first checkpoint; the
+    certified set grows only at an evaluation that reached a new checkpoint
+    (in between, evaluations may only remove), and the value in force is always
+    certified."""
+    policy = Policy(CONFIG)
+    schedule = CONFIG.schedule()
+    rng = np.random.default_rng(5)
+    seen_checkpoints, grown_at = set(), []
+    previous, previous_checkpoint = set(), 0
+    for rid in range(400):
+        one_request(policy, rid, rng)
+        ev = policy.report()["buckets"][""]["last_eval"] or {}
+        state = policy._buckets[""]
+        if "checkpoint" not in ev:
+            continue
+        assert state.ready == (ev["checkpoint"] >= 1)
+        assert ev["checkpoint"] == schedule.reached(ev["labelled"])
+        now = set(state.normal.certified)
+        if now - previous:  # grew since the last request: a new checkpoint was reached in between
+            grown_at.append(ev["checkpoint"] > previous_checkpoint)
+        if ev["checkpoint"]:
+            assert ev["level"] == pytest.approx(schedule.level(ev["checkpoint"]))
+            seen_checkpoints.add(ev["checkpoint"])
+        if state.normal.index >= 0:
+            assert state.normal.index in now
+        previous, previous_checkpoint = now, ev["checkpoint"]
+    assert len(seen_checkpoints) >= 3, "the stream never passed three checkpoints: the check would be vacuous"
+    assert grown_at and all(grown_at)

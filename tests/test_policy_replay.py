@@ -61,6 +61,12 @@ def test_cli_replay_writes_the_documented_json_and_policy_show_reads_the_db(tmp_
         assert {"em_policy", "em_uncut", "tokens_policy", "tokens_uncut", "overload"} <= set(w)
         assert isinstance(w["overload"], bool)
     assert {"tokens", "em"} <= set(payload["static_best"])
+    strategy = payload["strategy_best"]
+    assert len(strategy["tokens"]) == 800 and all(isinstance(t, int) for t in strategy["tokens"])
+    assert strategy["traces"] in (4, 3, 2, 1) and strategy["em"] >= strategy["em_uncut"] - 0.02
+    # a strategy family that contains static_best's (K traces, fixed threshold) saves at least as much
+    assert strategy["saved"] >= payload["static_best"]["saved"] - 1e-12
+    assert '"True"' not in out.read_text() and '"False"' not in out.read_text()
     assert png.stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "static best in hindsight" in printed and "targets:" in printed
@@ -69,6 +75,16 @@ def test_cli_replay_writes_the_documented_json_and_policy_show_reads_the_db(tmp_
     assert "(global)" in shown and "last changes:" in shown and "terms=3" in shown
     assert main(["policy", "show", str(db), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["requests"] == 800
+
+
+def test_json_default_turns_numpy_scalars_into_json_values():
+    from haltwise.policy.replay import json_default
+
+    text = json.dumps({"b": np.bool_(True), "i": np.int64(3), "f": np.float32(0.5), "a": np.arange(2)},
+                      default=json_default)
+    assert json.loads(text) == {"b": True, "i": 3, "f": 0.5, "a": [0, 1]}
+    with pytest.raises(TypeError, match="object is not JSON serialisable"):
+        json.dumps({"x": object()}, default=json_default)
 
 
 def test_cli_errors(tmp_path, capsys):

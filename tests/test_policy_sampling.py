@@ -1,4 +1,4 @@
-"""Run "(d) adaptive policy": parallel sampling on a real decode loop with the
+"""Run "policy": parallel sampling on a real decode loop with the
 policy's plans, learning between chunks; and calibration from a recorded
 uncut run."""
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_run_adaptive_plans_observes_and_labels_every_problem(sampler):
     policy = Policy(CONFIG)
     probs = problems(12, 0)
     run = run_adaptive(sampler, probs, policy, key=lambda p: "toy", max_new_tokens=10, chunk=6)
-    assert len(run.problems) == 12 and run.settings.name == "(d) adaptive policy"
+    assert len(run.problems) == 12 and run.settings.key == "policy"
     assert policy.state()["seq"] == 12 and policy.store.feedback_count() == 12
     rows = policy.store.requests_where("1")
     assert all(r["observed"] for r in rows)

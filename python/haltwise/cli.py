@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=11, help="timed rounds per measurement (signals, scheduler)")
     bench.add_argument("--plot", metavar="PATH", help="decode: PNG of tokens vs EM over a threshold sweep")
     bench.add_argument("--problems", type=int, default=500, help="decode: problems of the eval set")
-    bench.add_argument("--traces", type=int, default=16, help="decode: traces per problem")
+    bench.add_argument("--traces", type=int, default=32, help="decode: traces per problem")
     bench.add_argument("--capacity", type=int, default=256, help="decode: rows decoded together")
     bench.add_argument("--temperature", type=float, default=1.0)
     bench.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,23 @@
 """`haltwise bench` (the main job): early stopping on a real decode loop.
 
-On the same problems and seeds it runs
-  (a) no early stopping: K traces per problem, majority vote;
-  (b) DeepConf online: warm-up traces set each problem's LOW_CONFIDENCE threshold, the rest are cut;
-  (c) (b) plus waves and group consensus: a settled vote drops the problem's remaining traces;
-  (d) the adaptive policy (haltwise.policy), calibrated on the shipped trace bank (bundled task only);
-and reports tokens, tokens saved vs (a), vote EM (with the standard error of
-the paired EM difference), single-trace EM, tokens/s and wall time. Because
-noise is keyed by (request, position), a trace cut in (b)/(c) is a prefix of
-its twin in (a), so the EM differences are paired.
+On the same problems and seeds it runs (JSON "key" in brackets)
+  [uncut] no early stopping: K traces per problem, majority vote;
+  [deepconf_low], [deepconf_high] DeepConf online as its reference code does
+      it: top-20 token confidence, 16 warm-up traces per problem (K/2 when K <
+      32), the per-problem percentile threshold on the warm-up traces' lowest
+      group confidence (low: keep 10%, high: keep 90%), the other traces cut
+      live, votes filtered (lowest group confidence >= threshold) and
+      weighted by lowest group confidence, a trace shorter than the window
+      using its whole mean; the window scaled to our short traces (stated in
+      the output's "deepconf" entry);
+  [static] haltwise's own static strategy: a warm-up LOW_CONFIDENCE cut plus
+      waves and group consensus (a settled vote drops the remaining traces);
+  [policy] the adaptive policy (haltwise.policy), calibrated on the shipped
+      trace bank (bundled task only);
+and reports tokens, tokens saved vs [uncut], vote EM (with the standard error
+of the paired EM difference), single-trace EM, tokens/s and wall time.
+Because noise is keyed by (request, position), a cut trace is a prefix of its
+twin in [uncut], so the EM differences are paired.
 
 It also times the same loop with a plain torch multinomial step against the
 Stepper (no cutting), and can sweep thresholds by replaying (a)'s traces.
@@ -32,7 +41,7 @@ from .plain_stepper import PlainStepper
 @dataclass(frozen=True)
 class DecodeBenchConfig:
     problems: int = 500
-    traces: int = 16
+    traces: int = 32
     temperature: float = 1.0
     seed: int = 0
     capacity: int = 256
@@ -45,6 +54,22 @@ class DecodeBenchConfig:
     consensus: str = "beta"
     consensus_threshold: float = 0.95
     throughput_problems: int = 100  # problems for the Stepper vs plain-torch throughput check
+    deepconf_warmup: int = 16  # DeepConf's warm-up traces per problem (capped at K / 2)
+    # DeepConf's 2,048-token window sits on reasoning traces of about 10^4 tokens (about 1/7 of a trace);
+    # the bundled model's traces average 72 tokens (shipped bank), so the window here is 10 tokens
+    deepconf_window: int = 10
+
+
+DEEPCONF_SIGNAL = "topk_conf"  # DeepConf's token confidence: minus the mean log-probability of the top 20 tokens
+
+
+def deepconf_setup(cfg: DecodeBenchConfig) -> dict:
+    """How the DeepConf baselines run here (written into the bench JSON)."""
+    return {"signal": DEEPCONF_SIGNAL, "top_k": 20, "warmup": min(cfg.deepconf_warmup, cfg.traces // 2),
+            "window": cfg.deepconf_window, "budget": cfg.traces, "keep_percent": {"deepconf_low": 10.0,
+                                                                                   "deepconf_high": 90.0},
+            "window_note": "DeepConf's 2,048-token window is about 1/7 of its reasoning traces; the bundled "
+                           "model's traces average 72 tokens, so the window is 10 tokens"}
 
 
 def default_runs(cfg: DecodeBenchConfig) -> list[EarlyStopSettings]:
@@ -53,11 +78,17 @@ def default_runs(cfg: DecodeBenchConfig) -> list[EarlyStopSettings]:
     cfg = replace(cfg, warmup=min(cfg.warmup, cfg.traces - 1))
     base = EarlyStopSettings(traces=cfg.traces, signal=cfg.signal, window=cfg.window,
                              max_new_tokens=cfg.max_new_tokens)
+    dc = deepconf_setup(cfg)
+    deepconf = replace(base, signal=dc["signal"], window=dc["window"], warmup=dc["warmup"], vote="deepconf")
     return [
-        replace(base, name="(a) no early stopping", record_signals=True),
-        replace(base, name="(b) DeepConf online cut", warmup=cfg.warmup, keep_percent=cfg.keep_percent),
-        replace(base, name="(c) cut + waves + consensus", warmup=cfg.warmup, keep_percent=cfg.keep_percent,
-                wave_size=cfg.wave_size, consensus=cfg.consensus, consensus_threshold=cfg.consensus_threshold),
+        replace(base, name="uncut (no early stopping)", key="uncut", record_signals=True),
+        replace(deepconf, name="DeepConf-low (keep 10%)", key="deepconf_low",
+                keep_percent=dc["keep_percent"]["deepconf_low"]),
+        replace(deepconf, name="DeepConf-high (keep 90%)", key="deepconf_high",
+                keep_percent=dc["keep_percent"]["deepconf_high"]),
+        replace(base, name="static: cut + waves + consensus", key="static", warmup=cfg.warmup,
+                keep_percent=cfg.keep_percent, wave_size=cfg.wave_size, consensus=cfg.consensus,
+                consensus_threshold=cfg.consensus_threshold),
     ]
 
 
@@ -71,6 +102,7 @@ def paired_em_difference(run: RunResult, baseline: RunResult) -> tuple[float, fl
 def run_row(run: RunResult, baseline: RunResult) -> dict:
     diff, se = paired_em_difference(run, baseline)
     return {
+        "key": run.settings.key or run.settings.name,
         "name": run.settings.name,
         "tokens": run.tokens,
         "saved": 1.0 - run.tokens / baseline.tokens,
@@ -86,16 +118,16 @@ def run_row(run: RunResult, baseline: RunResult) -> dict:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    header = (f"{'run':<32} {'tokens':>9} {'saved':>7} {'vote EM':>8} {'dEM +- se':>16} {'EM 1':>6} "
+    header = (f"{'run':<34} {'tokens':>9} {'saved':>7} {'vote EM':>8} {'dEM +- se':>16} {'EM 1':>6} "
               f"{'cut':>5} {'dropped':>7} {'tok/s':>8} {'wall s':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['name']:<32} {r['tokens']:>9d} {r['saved']:>6.1%} {r['em']:>8.3f} "
+            f"{r['name']:<34} {r['tokens']:>9d} {r['saved']:>6.1%} {r['em']:>8.3f} "
             f"{r['em_diff']:>+8.3f} +-{r['em_diff_se']:.3f} {r['em_single']:>6.3f} {r['cut_traces']:>5d} "
             f"{r['dropped_traces']:>7d} {r['tokens_per_s']:>8.0f} {r['wall_s']:>7.1f}"
         )
-    lines.append("saved: fewer generated tokens than (a); dEM: vote EM minus (a)'s on the same problems and "
+    lines.append("saved: fewer generated tokens than uncut; dEM: vote EM minus uncut's on the same problems and "
                  "seeds, with the standard error of the paired difference")
     return "\n".join(lines)
 
@@ -191,7 +223,7 @@ def bundled_setup(cfg: DecodeBenchConfig, weights: str | None = None, problems=N
 
 
 def adaptive_policy_run(cfg: DecodeBenchConfig) -> Callable:
-    """Run "(d) adaptive policy": a Policy calibrated on the shipped trace bank
+    """Run "policy": a Policy calibrated on the shipped trace bank
     (its own problem stream, never eval prompts: labelled control requests
     with every candidate threshold replayed), then serving the benchmark's
     problems, one policy request per problem, learning from their labels as
@@ -235,7 +267,8 @@ def bench_decode(cfg: DecodeBenchConfig, *, problems=None, task=None, runner_fac
             results.append(extra(sampler, problems, results[0], progress=bar.update))
     baseline = results[0]
     rows = [run_row(r, baseline) for r in results]
-    payload = {"baseline": baseline.settings.name, "config": cfg.__dict__, "runs": rows}
+    payload = {"baseline": baseline.settings.name, "config": cfg.__dict__, "runs": rows,
+               "deepconf": deepconf_setup(cfg)}
     difficulty = [getattr(task, "difficulty", lambda p: 0)(p) for p in problems]
     bank = bank_from_run(baseline, difficulty, meta={"temperature": cfg.temperature, "seed": cfg.seed,
                                                      "traces": cfg.traces, "source": "haltwise bench (a)"})

@@ -20,12 +20,15 @@ import numpy as np
 from ..scheduler import Finished, Scheduler, StopConfig, StopReason
 from ..stepper import Stepper
 from ..tasks.adapters import TokenIds
+from ..trace_rules import VOTING_REASONS, lowest_group_confidence, vote_weight
 from ..voting import vote_settled, warmup_threshold, weighted_vote
 from .loop import DecodeLoop, LoopStats
 from .runners import Runner
 
-# Traces whose answer counts: they ended on their own, not cut or dropped.
-VOTING_REASONS = frozenset({StopReason.EOS, StopReason.STOP_SEQUENCE, StopReason.MAX_TOKENS, StopReason.CONFIDENT})
+# The Finished field holding a trace's whole mean of a signal (a trace shorter than the window has no window mean).
+_MEAN_FIELDS = {"topk_conf": "mean_topk_conf", "logprob": "mean_logprob", "neg_entropy": "mean_neg_entropy"}
+
+
 
 
 class Task(Protocol):
@@ -54,7 +57,14 @@ class EarlyStopSettings:
     consensus: None, "unbeatable" (the scheduler's rule: the leader cannot be
         overturned), "beta" (Adaptive-Consistency, P(leader is the mode) >=
         consensus_threshold) or "run" (the first consensus_threshold answers agree);
-    weighting: "majority" or "confidence" (weight = exp(mean logprob) of the trace).
+    weighting: "majority" or "confidence" (weight = exp(mean logprob) of the trace);
+    vote: "natural" (every trace that ended on its own votes, weighted by
+        `weighting`) or "deepconf" (DeepConf online, as its reference code
+        does it: a trace's lowest group confidence is its lowest window mean
+        of `signal`, or its whole mean when it is shorter than the window;
+        the warm-up percentile is taken over those values; a trace that
+        ended on its own votes only if that value is >= the problem's
+        threshold, weighted by it; `weighting` is ignored).
     """
 
     name: str = "uncut"
@@ -69,6 +79,8 @@ class EarlyStopSettings:
     weighting: str = "majority"
     max_new_tokens: int = 256
     record_signals: bool = False
+    vote: str = "natural"
+    key: str = ""  # a stable name for reports (bench JSON "key")
 
     def __post_init__(self):
         if self.traces < 1:
@@ -80,6 +92,11 @@ class EarlyStopSettings:
                              f"got {self.consensus!r}")
         if self.weighting not in ("majority", "confidence"):
             raise ValueError(f"EarlyStopSettings: weighting must be 'majority' or 'confidence', got {self.weighting!r}")
+        if self.vote not in ("natural", "deepconf"):
+            raise ValueError(f"EarlyStopSettings: vote must be 'natural' or 'deepconf', got {self.vote!r}")
+        if self.vote == "deepconf" and self.signal not in _MEAN_FIELDS:
+            raise ValueError(f"EarlyStopSettings: vote='deepconf' needs a signal with a whole-trace mean "
+                             f"{tuple(_MEAN_FIELDS)}, got {self.signal!r}")
 
 
 @dataclass
@@ -93,6 +110,8 @@ class TraceResult:
     min_window_mean: float
     mean_logprob: float
     signals: dict | None = None
+    lowest_conf: float = math.nan  # lowest_group_confidence of the run's signal
+    eligible: bool = True  # vote="deepconf": lowest_conf >= the problem's threshold
 
     @classmethod
     def from_record(cls, record: Finished, problem: int, trace: int, answer: int | None,
@@ -105,11 +124,11 @@ class TraceResult:
 
     @property
     def votes(self) -> bool:
-        return self.reason in VOTING_REASONS
+        return self.reason in VOTING_REASONS and self.eligible
 
     @property
     def weight(self) -> float:
-        return math.exp(self.mean_logprob) if not math.isnan(self.mean_logprob) else 0.0
+        return vote_weight(self.mean_logprob)
 
 
 @dataclass
@@ -128,7 +147,10 @@ class ProblemResult:
         their own, in trace order (ties go to the lower trace, as in replay)."""
         self.traces.sort(key=lambda t: t.trace)
         voters = [t for t in self.traces if t.votes]
-        weights = [t.weight for t in voters] if weighting == "confidence" else None
+        if weighting == "deepconf":
+            weights = [0.0 if math.isnan(t.lowest_conf) else t.lowest_conf for t in voters]
+        else:
+            weights = [t.weight for t in voters] if weighting == "confidence" else None
         self.answer = weighted_vote([t.answer for t in voters], weights)
         return self.answer
 
@@ -185,6 +207,7 @@ class ParallelSampler:
         results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
         prompts = [self.task.prompt_ids(p) for p in problems]
         warmup_left = [settings.warmup] * len(problems)
+        deepconf = settings.vote == "deepconf"
         settled = [False] * len(problems)
         base = StopConfig(eos_ids=tuple(self.task.eos_ids), low_conf_signal=settings.signal, window=settings.window,
                           min_new_tokens=settings.window, record_signals=settings.record_signals)
@@ -198,6 +221,9 @@ class ParallelSampler:
             p, k = divmod(record.request_id, K)
             answer = self.task.answer_of(record.tokens) if record.reason in VOTING_REASONS else None
             trace = TraceResult.from_record(record, p, k, answer, results[p].reference)
+            if deepconf:
+                trace.lowest_conf = lowest_group_confidence(record.min_window_mean,
+                                                            getattr(record, _MEAN_FIELDS[settings.signal]))
             results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
@@ -207,7 +233,8 @@ class ParallelSampler:
             if settings.warmup and k < settings.warmup:
                 warmup_left[p] -= 1
                 if warmup_left[p] == 0:  # warm-up done: this problem's threshold, then its other traces
-                    lows = [t.min_window_mean for t in results[p].traces if t.trace < settings.warmup]
+                    lows = [t.lowest_conf if deepconf else t.min_window_mean
+                            for t in results[p].traces if t.trace < settings.warmup]
                     usable = [v for v in lows if not math.isnan(v)]
                     results[p].threshold = warmup_threshold(usable, settings.keep_percent) if usable else None
                     submit(p, range(settings.warmup, K), results[p].threshold)
@@ -218,7 +245,10 @@ class ParallelSampler:
         loop.run(on_finished)
 
         for problem in results:
-            problem.vote(settings.weighting)
+            if deepconf and problem.threshold is not None:
+                for t in problem.traces:
+                    t.eligible = not t.lowest_conf < problem.threshold  # NaN (no token) stays eligible
+            problem.vote("deepconf" if deepconf else settings.weighting)
         return RunResult(settings=settings, problems=results, loop=loop.stats)
 
     @staticmethod

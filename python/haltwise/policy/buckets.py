@@ -132,6 +132,7 @@ class BucketState:
     slices: SliceCounts = field(default_factory=SliceCounts)
     shadow_counts: ShadowCounts = field(default_factory=ShadowCounts)
     last_eval: dict = field(default_factory=dict)
+    anytime: dict = field(default_factory=dict)  # anytime.AnytimeState of the re-test schedule
 
     @property
     def frozen(self) -> bool:
@@ -149,6 +150,7 @@ class BucketState:
         out["warmup_observed"] = list(self.warmup_observed)
         out["warmup_lowests"] = list(self.warmup_lowests)
         out["last_eval"] = dict(self.last_eval)
+        out["anytime"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.anytime.items()}
         for name in ("normal", "overload", "slices", "shadow_counts"):
             out[name] = dict(vars(getattr(self, name)))
         out["normal"]["certified"] = list(self.normal.certified)

@@ -26,11 +26,10 @@ from typing import Sequence
 import numpy as np
 
 from ..scheduler import StopReason
+from ..trace_rules import VOTING_REASONS, vote_weight
 from ..tracebank import window_means
 from ..voting import warmup_threshold
 
-# Traces whose answer counts (as haltwise.decoding.parallel.VOTING_REASONS).
-VOTING_REASONS = frozenset({StopReason.EOS, StopReason.STOP_SEQUENCE, StopReason.MAX_TOKENS, StopReason.CONFIDENT})
 # Rules checked before LOW_CONFIDENCE: the step they fire at is never evaluated by it.
 ENDS_BEFORE_CONFIDENCE = frozenset({StopReason.EOS, StopReason.STOP_SEQUENCE, StopReason.MAX_TOKENS,
                                     StopReason.INVALID_LOGITS})
@@ -94,7 +93,7 @@ def trace_profile(values: np.ndarray, *, reason: int, answer: int | None, window
     means = window_means(values[:evaluated], window)[start:]
     running = np.minimum.accumulate(means) if means.size else means
     votes = StopReason(reason) in VOTING_REASONS and answer is not None
-    weight = math.exp(mean_logprob) if not math.isnan(mean_logprob) else 0.0
+    weight = vote_weight(mean_logprob)
     return TraceProfile(start=start if means.size else 0, running=running, length=n,
                         answer=int(answer) if votes else None, weight=weight)
 

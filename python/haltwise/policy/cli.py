@@ -23,6 +23,18 @@ def add_policy_subcommands(subparsers) -> None:
     show.add_argument("--last", type=int, default=10, help="how many audit entries to print (default 10)")
     show.add_argument("--json", action="store_true", help="print the report as JSON")
     show.set_defaults(handler=_show)
+    sim = policy_sub.add_parser("simulate", help="probability of ever certifying a candidate over budget, by "
+                                                 "simulation of the re-test schedule on boundary settings")
+    sim.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    sim.add_argument("--repetitions", type=int, default=2000, help="streams per setting (default 2000)")
+    sim.add_argument("--naive-repetitions", type=int, default=200,
+                     help="streams per setting for the naive rule (default 200; 0: skip it)")
+    sim.add_argument("--labels", type=int, default=4000, help="labelled control requests per stream (default 4000)")
+    sim.add_argument("--epsilon", type=float, default=0.02)
+    sim.add_argument("--delta", type=float, default=0.1)
+    sim.add_argument("--epsilon-overload", type=float, default=0.05)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.set_defaults(handler=_simulate)
 
     replay = subparsers.add_parser("replay", help="evaluate a policy offline on a trace bank, as a request stream")
     replay.add_argument("--bank", metavar="PATH", help="trace bank (.npz; default: the bundled arith bank)")
@@ -49,6 +61,25 @@ def add_policy_subcommands(subparsers) -> None:
                         help="run this bucket in shadow mode (repeatable)")
     replay.add_argument("--seed", type=int, default=0)
     replay.set_defaults(handler=_replay)
+
+
+def _simulate(args) -> int:
+    from .simulate import main_args
+
+    if args.json:
+        check_output("--json", args.json)
+    for name in ("repetitions", "labels"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.naive_repetitions < 0:
+        raise CliError(f"--naive-repetitions must be >= 0, got {args.naive_repetitions}")
+    from .config import PolicyConfig
+
+    try:
+        PolicyConfig(epsilon=args.epsilon, delta=args.delta, epsilon_overload=args.epsilon_overload)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return main_args(args)
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -137,7 +168,7 @@ def _show(args) -> int:
 def _replay(args) -> int:
     from ..tracebank import TraceBank
     from .config import PolicyConfig
-    from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_payload, plot_report, run_replay
+    from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_default, json_payload, plot_report, run_replay
     from .synthetic import synthetic_bank
 
     check_output("--json", args.json)
@@ -168,7 +199,7 @@ def _replay(args) -> int:
     print(f"({report['seconds']['total']:.1f} s)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(json_payload(report), indent=2, default=str) + "\n")
+        Path(args.json).write_text(json.dumps(json_payload(report), indent=2, default=json_default) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         plot_report(report, args.plot)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,7 +36,7 @@ class PolicyConfig:
     # warm-up, candidates, start
     warmup_requests: int = 8
     keep_percent: float = 90.0
-    start: str = "deepconf"
+    start: str = "uncut"
     grid_size: int = 40
     grid_low: float = 0.01
     grid_high: float = 0.9
@@ -45,6 +46,7 @@ class PolicyConfig:
     min_evidence: Optional[int] = None
     evidence_window: int = 1000
     evaluate_every: int = 5
+    retest_ratio: float = 1.5
     chain_starts: int = 3
     seed: int = 0
     # moves (hysteresis)
@@ -111,8 +113,11 @@ class PolicyConfig:
             raise ValueError(f"{_WHERE}: control_boost must be >= control_fraction ({self.control_fraction}), "
                              f"got {self.control_boost}")
         set_("chain_starts", check_int(_WHERE, "chain_starts", self.chain_starts, 1, 100))
-        if self.min_evidence is None:  # the least n with which a chain's test can certify anything
-            set_("min_evidence", min_evidence(self.epsilon, self.delta / self.chain_starts, "mcnemar"))
+        set_("retest_ratio", check_float(_WHERE, "retest_ratio", self.retest_ratio, 1.0))
+        if self.retest_ratio <= 1.0:
+            raise ValueError(f"{_WHERE}: retest_ratio must be > 1, got {self.retest_ratio}")
+        if self.min_evidence is None:  # the least n with which a chain's test can certify anything at checkpoint 1
+            set_("min_evidence", min_evidence(self.epsilon, self.first_level / self.chain_starts, "mcnemar"))
         set_("min_evidence", check_int(_WHERE, "min_evidence", self.min_evidence, 1))
         floor = min_evidence(self.epsilon, self.delta, "binomial")
         if self.min_evidence < floor:
@@ -152,6 +157,18 @@ class PolicyConfig:
         _choice("synchronous", self.synchronous, ("FULL", "NORMAL", "OFF"))
 
     @property
+    def first_level(self) -> float:
+        """Test level of the first checkpoint of the re-test schedule (anytime.py)."""
+        return self.delta * 6.0 / math.pi ** 2
+
+    def schedule(self):
+        """The re-test schedule (anytime.RetestSchedule) this config runs."""
+        from .anytime import RetestSchedule
+
+        return RetestSchedule(first=self.min_evidence, ratio=self.retest_ratio, window=self.evidence_window,
+                              delta=self.delta)
+
+    @property
     def trace_options(self) -> tuple[int, ...]:
         """K' values a control request is replayed with: traces first, then the overload options."""
         return (self.traces,) + self.overload_traces
@@ -186,7 +203,8 @@ def _choice(name: str, value, choices: tuple) -> None:
 KNOBS: list[tuple[str, str]] = [
     ("epsilon", "Accuracy budget: the EM of early-stopped answers may fall at most this much below the EM of "
                 "uncut answers."),
-    ("delta", "... with confidence 1 - delta (family-wise, per decision)."),
+    ("delta", "... with confidence 1 - delta over the whole stream: the chance that a candidate over budget is "
+              "ever put in force is at most delta (anytime-valid; notes/policy.md)."),
     ("epsilon_overload", "The larger budget spent while the load monitor says overload."),
     ("test", "'binomial' (harms only; right/wrong labels), 'mcnemar' (harms and helps; needs labels with the "
              "reference answer) or 'auto' (mcnemar once labels carry references)."),
@@ -200,7 +218,8 @@ KNOBS: list[tuple[str, str]] = [
     ("weighting", "Vote weighting: 'majority' or 'confidence' (exp mean logprob)."),
     ("warmup_requests", "First requests of a new bucket that run uncut and calibrate it."),
     ("keep_percent", "DeepConf start: the threshold keeps this percent of warm-up traces."),
-    ("start", "'deepconf' (the warm-up percentile until the bucket is certified) or 'uncut'."),
+    ("start", "Before a bucket (or an ancestor) is certified: 'uncut' (no cut: loses nothing before anything is "
+              "certified) or 'deepconf' (the warm-up percentile, not certified: can lose more than epsilon)."),
     ("grid_size", "Candidate thresholds per bucket: this many warm-up quantiles plus as many evenly spaced values "
                   "between the first and last."),
     ("grid_low", "Quantile of warm-up lowest window means of the safest candidate."),
@@ -208,9 +227,13 @@ KNOBS: list[tuple[str, str]] = [
     ("control_fraction", "Share of requests that run uncut with signals kept (the control slice)."),
     ("control_boost", "Control share while a bucket has fewer than min_evidence labelled control requests."),
     ("min_evidence", "Labelled control requests before a bucket's own test replaces its parent's values (None: the "
-                     "least number with which one chain of the test can certify anything; 203 at the defaults)."),
+                     "least number with which one chain of the test can certify anything at the first checkpoint's level)."),
     ("evidence_window", "The test uses the bucket's most recent this-many control requests."),
-    ("evaluate_every", "Re-test a bucket after this many new pieces of evidence."),
+    ("evaluate_every", "Re-evaluate a bucket after this many new pieces of evidence (between checkpoints an "
+                       "evaluation can only remove candidates)."),
+    ("retest_ratio", "Checkpoints of the re-test schedule grow by this factor from min_evidence labels until the "
+                     "evidence window is full, then come every evidence_window // 2 labels; checkpoint j tests at "
+                     "delta 6 / (pi^2 j^2)."),
     ("chain_starts", "Fixed-sequence chains over the grid (start points 0, G/s, 2G/s, ...; each at delta / s), so "
                      "one unlucky safe candidate cannot block the rest."),
     ("seed", "Keys the control selection hash."),

@@ -71,6 +71,8 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
         return 1.0
     if p == 1.0:
         return 0.0
+    if k == 0:
+        return math.exp(n * math.log1p(-p))
     if k <= 40:  # a plain loop beats numpy's call overhead for short sums
         log_ratio = math.log(p) - math.log1p(-p)
         term = n * math.log1p(-p)
@@ -180,6 +182,7 @@ def mcnemar_p_value(harms: int, helps: int, n: int, epsilon: float) -> float:
     return hi
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def rejects(test: str, harms: int, helps: int, n: int, epsilon: float, delta: float) -> bool:
     """Level-delta decision of `test` ("binomial" or "mcnemar") on one candidate."""
     if test == "binomial":

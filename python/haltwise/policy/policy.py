@@ -45,6 +45,8 @@ import numpy as np
 from ..scheduler import StopConfig, StopReason, check_bool, check_float, check_int
 from ..voting import weighted_vote
 from . import ltt
+from ..trace_rules import vote_weight
+from .anytime import AnytimeState, Certifier, policy_families
 from .buckets import BucketState, SliceCounts, needs_warmup, normalize_key, path_of, resolve
 from .calibration import (VOTING_REASONS, CandidateOutcomes, TraceProfile, candidate_outcomes, deepconf_index,
                           differences, make_grid, quantile_levels, trace_profile)
@@ -578,7 +580,7 @@ class Policy:
 
     def _vote(self, outcomes: Sequence[TraceOutcome]) -> int | None:
         voters = [t for t in outcomes if StopReason(int(t.reason)) in VOTING_REASONS and t.answer is not None]
-        weights = [math.exp(t.mean_logprob) if not math.isnan(t.mean_logprob) else 0.0 for t in voters] \
+        weights = [vote_weight(t.mean_logprob) for t in voters] \
             if self.config.weighting == "confidence" else None
         return weighted_vote([int(t.answer) for t in voters], weights)
 
@@ -595,7 +597,7 @@ class Policy:
         keep_traces = keep_signals or kind == "shadow"
         if kind == "shadow":
             voting = [StopReason(int(t.reason)) in VOTING_REASONS for t in outcomes]
-            weights = [math.exp(t.mean_logprob) if not math.isnan(t.mean_logprob) else 0.0 for t in outcomes] \
+            weights = [vote_weight(t.mean_logprob) for t in outcomes] \
                 if cfg.weighting == "confidence" else None
             would = would_have(outcomes, [None if t.answer is None else int(t.answer) for t in outcomes], voting,
                                weights)
@@ -641,7 +643,8 @@ class Policy:
                 if not replayable or not bucket.frozen:
                     continue
                 entry = _Evidence(seq=row["seq"], outcomes=self._outcomes(bucket, profiles))
-                self._label_entry(entry, row)
+                if self._label_entry(entry, row):
+                    self._count_labelled(bucket)
                 self._evidence[name][rid] = entry
                 self._prune(name)
                 bucket.pending_evidence += 1
@@ -711,15 +714,25 @@ class Policy:
             return True, None  # unknown or reported right: D = [answer changed], an upper bound either way
         return None, None
 
-    def _label_entry(self, entry: _Evidence, row: dict) -> None:
-        """Set an evidence entry's paired differences from the request's labels."""
+    @staticmethod
+    def _count_labelled(bucket: BucketState) -> None:
+        """One more labelled control request for the re-test schedule (anytime.py)."""
+        state = AnytimeState.from_dict(bucket.anytime)
+        state.labelled += 1
+        bucket.anytime = state.to_dict()
+
+    def _label_entry(self, entry: _Evidence, row: dict) -> bool:
+        """Set an evidence entry's paired differences from the request's labels.
+        Returns whether the entry counts for the test now and did not before."""
+        was = entry.d is not None
         correct, reference = self._label_of(row)
         if correct is None:
             entry.d, entry.right, entry.has_reference = None, None, False
-            return
+            return False
         entry.d = differences(entry.outcomes, correct=correct, reference=reference)
         entry.right = correct if row["label"] is not None else None
         entry.has_reference = reference is not None
+        return not was
 
     def feedback(self, request_id: int, correct: bool, *, source: str = "label", weight: float = 1.0,
                  reference: int | None = None) -> None:
@@ -786,7 +799,8 @@ class Policy:
             entry = self._evidence.get(name, {}).get(rid)
             if entry is None:
                 continue
-            self._label_entry(entry, row)
+            if self._label_entry(entry, row):
+                self._count_labelled(self._buckets[name])
             self._buckets[name].pending_evidence += 1
         for bucket in path:
             if bucket.pending_evidence >= self.config.evaluate_every:
@@ -877,16 +891,21 @@ class Policy:
         stats = self._stats(bucket)
         n = stats.n
         was_ready = bucket.ready
-        bucket.ready = n >= cfg.min_evidence
+        anytime = AnytimeState.from_dict(bucket.anytime)
         bucket.labeled, bucket.control = n, stats.control
         if not n:
             bucket.last_eval = {"n": 0, "control": stats.control}
             return
         test, harms, helps, tokens, correct_uncut = stats.test, stats.harms, stats.helps, stats.tokens, stats.em_uncut
         G = len(bucket.grid)
-        # normal mode: traces = K, candidates = grid indices 0..G-1 (column j + 1)
-        certified = ltt.certified_set(harms[0, 1:], helps[0, 1:], n, epsilon=cfg.epsilon, delta=cfg.delta,
-                                      test=test, starts=cfg.chain_starts)
+        # the families of tests (anytime.policy_families), each a function of the level; the re-test schedule
+        # (anytime.py) picks the level and, between checkpoints, only removes candidates
+        R = len(cfg.trace_options)
+        families = policy_families(cfg, harms, helps, n, test)
+        sets, checkpoint = Certifier(cfg.schedule()).evaluate(anytime, families)
+        bucket.anytime = anytime.to_dict()
+        bucket.ready = anytime.checkpoints >= 1
+        certified = sets["normal"]
         table = stats.table(0, [None] + list(bucket.grid), cfg)
         target = max(certified, default=-1)
         if cfg.objective == "value" and certified:
@@ -897,24 +916,17 @@ class Policy:
             target = max(certified, default=-1)
         else:
             guard = None
-        # overload: one chain family per trace option (column 0 = no cut); weighted Bonferroni over the
-        # families (levels summing to delta): a fewer-traces family weighs 2, the all-traces family 1
-        R = len(cfg.trace_options)
-        weights = [1.0 if k == cfg.traces else 2.0 for k in cfg.trace_options]
-        families = []
+        candidates = []
         for r in range(R):
-            # fewer traces: the chain starts at "no cut" and one chain keeps all its power there
-            starts = cfg.chain_starts if cfg.trace_options[r] == cfg.traces else 1
-            cols = ltt.certified_set(harms[r], helps[r], n, epsilon=cfg.epsilon_overload,
-                                     delta=cfg.delta * weights[r] / sum(weights), test=test, starts=starts)
+            cols = sets[f"overload/{cfg.trace_options[r]}"]
             if not cols:
                 continue
             values = stats.table(r, [None] * (G + 1), cfg) if cfg.objective == "value" else None
             c = max(cols, key=lambda c: (-tokens[r, c], c) if values is None else (values[c]["value"], c))
             score = -tokens[r, c] if values is None else values[c]["value"]
-            families.append((score, cfg.trace_options[r], c - 1, [col - 1 for col in cols]))
-        best = max(families, default=None, key=lambda f: f[0])
-        current = next((f for f in families if f[1] == bucket.overload.target_traces), None)
+            candidates.append((score, cfg.trace_options[r], c - 1, [col - 1 for col in cols]))
+        best = max(candidates, default=None, key=lambda f: f[0])
+        current = next((f for f in candidates if f[1] == bucket.overload.target_traces), None)
         if best is not None and current is not None and best is not current and \
                 best[0] - current[0] < _FAMILY_MARGIN * abs(current[0]):
             best = current  # hysteresis: switch the trace count only for a clear gain
@@ -926,14 +938,16 @@ class Policy:
             {"index": fail, "threshold": bucket.grid[fail], "harms": int(harms[0, fail + 1]),
              "helps": int(helps[0, fail + 1])},
             "overload": None if best is None else {"traces": best[1], "index": best[2]},
-            "guard": guard,
+            "guard": guard, "labelled": anytime.labelled, "checkpoint": anytime.checkpoints,
+            "level": cfg.schedule().level(anytime.checkpoints) if anytime.checkpoints else None,
+            "at_checkpoint": checkpoint,
         }
         if not bucket.ready:
             return
         if not was_ready:
             self.store.add_audit(self._seq, bucket.name, "ready", False, True,
                                  {"labeled": n, "control": stats.control, "min_evidence": cfg.min_evidence},
-                                 "enough labelled control requests: the bucket's own test now decides")
+                                 "first checkpoint of the re-test schedule reached: the bucket's own test now decides")
         self._set_target(bucket, certified, target, n, test, harms, helps, guard)
         if best is not None:
             self._set_overload_target(bucket, best[1], best[2], best[3], n, test)

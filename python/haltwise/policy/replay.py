@@ -42,6 +42,7 @@ import numpy as np
 from ..scheduler import StopReason
 from ..tracebank import BUNDLED_BANK, NO_ANSWER, TraceBank
 from ..voting import weighted_vote
+from ..trace_rules import vote_weight, vote_weights
 from .calibration import VOTING_REASONS, TraceProfile, trace_profile, vote_matrix
 from .config import PolicyConfig
 from .policy import Policy, TraceOutcome
@@ -217,7 +218,7 @@ def run_replay(bank: TraceBank, policy_config: PolicyConfig, cfg: ReplayConfig, 
         served = policy.observe(r, outcomes)
         full = req.subset[:K]
         voters = [int(traces.answers[p, k]) for k in full if traces.votes[p, k]]
-        weights = [math.exp(traces.mean_logprob[p, k]) for k in full if traces.votes[p, k]] \
+        weights = [vote_weight(traces.mean_logprob[p, k]) for k in full if traces.votes[p, k]] \
             if weighting == "confidence" else None
         uncut = weighted_vote(voters, weights)
         reference = int(bank.references[p])
@@ -258,7 +259,7 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
             "cut_share": len(thresholds) / len(chunk),
             "traces": float(np.mean([c[9] for c in chunk])),
             "control_share": float(np.mean([c[7] in ("control", "warmup") for c in chunk])),
-            "overload": overload_share >= 0.5, "overload_share": overload_share,
+            "overload": bool(overload_share >= 0.5), "overload_share": overload_share,
             "queue_depth": float(np.mean([c[8] for c in chunk])),
         })
     tokens_policy = sum(c[3] for c in rows)
@@ -266,6 +267,7 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
     em_policy = float(np.mean([c[1] for c in rows]))
     em_uncut = float(np.mean([c[2] for c in rows]))
     static = static_best(stream, traces, bank, pc, window=cfg.window)
+    strategy = strategy_best(stream, traces, bank, pc)
     normal = [w for w in windows if not w["overload"]]
     spike = [w for w in windows if w["overload"]]
     first_spike = next((i for i, w in enumerate(windows) if w["overload"]), None)
@@ -300,17 +302,16 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
         "overall": {"em_policy": em_policy, "em_uncut": em_uncut, "tokens_policy": tokens_policy / len(rows),
                     "tokens_uncut": tokens_uncut / len(rows), "saved": saved, "saved_outside_overload": saved_normal},
         "static_best": static,
+        "strategy_best": strategy,
         "targets": targets,
     }
 
 
-def static_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
-                levels: np.ndarray | None = None, window: int = 1000) -> dict:
-    """The best single fixed threshold in hindsight: on every request of the
-    stream (K traces, no control slice), tokens and vote EM at each of a
-    fine grid of thresholds (quantiles of all the bank's lowest window means);
-    the most saving one with EM >= uncut EM - epsilon."""
-    K = pc.traces
+def _fixed_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig, K: int,
+                    levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per request and threshold (column 0: no cut; the others: quantiles of
+    all the bank's lowest window means), with the request's first K traces:
+    whether the vote is right (bool (n, T)) and the tokens (int (n, T))."""
     lowest_all = np.array([prof.lowest for row in traces.profiles for prof in row])
     lowest_all = lowest_all[~np.isnan(lowest_all)]
     levels = np.linspace(0.0, 0.95, 96) if levels is None else levels
@@ -330,10 +331,60 @@ def static_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc:
     request_tokens = np.zeros((len(stream), T), dtype=np.int64)
     for i, req in enumerate(stream):
         p, ks = req.problem, req.subset[:K]
-        weights = np.exp(traces.mean_logprob[p, ks]) if pc.weighting == "confidence" else None
+        weights = vote_weights(traces.mean_logprob[p, ks]) if pc.weighting == "confidence" else None
         winners = vote_matrix(traces.answers[p, ks], weights, kept_all[p, ks].T)
         request_tokens[i] = lengths_all[p, ks].sum(axis=0)
         per_request[i] = winners == bank.references[p]
+    return per_request, request_tokens, thresholds
+
+
+def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig) -> dict:
+    """The best single static strategy in hindsight among (trace count K' in
+    the config's trace options) x (fixed cut threshold): the one with the
+    fewest tokens whose vote EM over the stream is >= the uncut K-trace EM -
+    epsilon. Waves and group consensus are not replayed here (the bank's
+    traces carry no finish order). "tokens": that strategy's tokens per request."""
+    base_right = None
+    best = None
+    for K in pc.trace_options:
+        right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, K)
+        if base_right is None:  # trace_options[0] is the full K
+            base_right, base_tokens = right[:, 0], tokens[:, 0]
+        em = right.mean(axis=0)
+        ok = np.flatnonzero(em >= base_right.mean() - pc.epsilon)
+        if not ok.size:
+            continue
+        j = int(ok[np.argmin(tokens[:, ok].sum(axis=0))])
+        if best is None or tokens[:, j].sum() < best[0].sum():
+            best = (tokens[:, j], K, None if j == 0 else float(thresholds[j]), float(em[j]))
+    per_request, K, threshold, em = best
+    return {"strategies": "trace count x fixed cut threshold (waves and consensus not replayed)",
+            "traces": int(K), "threshold": threshold, "em": em, "em_uncut": float(base_right.mean()),
+            "saved": float(1.0 - per_request.sum() / base_tokens.sum()),
+            "tokens": [int(t) for t in per_request]}
+
+
+def json_default(value):
+    """json.dumps default for numpy scalars (a numpy bool becomes a JSON bool, not the string "True")."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"json_default: {type(value).__name__} is not JSON serialisable")
+
+
+def static_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
+                levels: np.ndarray | None = None, window: int = 1000) -> dict:
+    """The best single fixed threshold in hindsight: on every request of the
+    stream (K traces, no control slice), tokens and vote EM at each of a
+    fine grid of thresholds (quantiles of all the bank's lowest window means);
+    the most saving one with EM >= uncut EM - epsilon."""
+    per_request, request_tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, pc.traces, levels)
+    T = len(thresholds)
     right = per_request.sum(axis=0)
     tokens = request_tokens.sum(axis=0).astype(np.float64)
     n = len(stream)
@@ -430,5 +481,6 @@ def json_payload(report: dict) -> dict:
         "epsilon": report["epsilon"],
         "windows": report["windows"],
         "static_best": report["static_best"],
-        **{k: v for k, v in report.items() if k not in ("epsilon", "windows", "static_best")},
+        "strategy_best": report["strategy_best"],
+        **{k: v for k, v in report.items() if k not in ("epsilon", "windows", "static_best", "strategy_best")},
     }

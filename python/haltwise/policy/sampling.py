@@ -1,5 +1,5 @@
 """Parallel sampling under the policy: the live counterpart of replay.py and
-the body of `haltwise bench` run "(d) adaptive policy".
+the body of `haltwise bench` run "policy".
 
 Each problem is one policy request (request id ``request_offset + index``):
 the policy's plan gives the number of traces and the StopConfig of all of
@@ -12,7 +12,7 @@ the policy (observe) and labelled (feedback with the reference), so the
 policy learns within the run as it would in service. The first chunk is all
 planned before any label exists, so a fresh policy starts it in warm-up /
 DeepConf start; pass a policy already calibrated (e.g. by
-:func:`calibrate_from_run` on run (a)'s traces) to start certified.
+:func:`calibrate_from_run` on run `uncut`'s traces) to start certified.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from .policy import Policy, TraceOutcome
 def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *,
                  key: Callable[[Any], str | None] = lambda problem: None, max_new_tokens: int = 256,
                  chunk: int = 64, request_offset: int = 0, label: Callable[[int], bool] = lambda index: True,
-                 name: str = "(d) adaptive policy",
+                 name: str = "policy (adaptive, certified)",
                  progress: Callable[[int], None] | None = None) -> RunResult:
     """Decodes every problem under the policy's plans; returns a RunResult
     like ParallelSampler.run (settings.traces is the policy's normal K; a
@@ -39,7 +39,7 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
     problems get their label fed back (default: all)."""
     cfg = policy.config
     task = sampler.task
-    settings = EarlyStopSettings(name=name, traces=cfg.traces, signal=cfg.signal, window=cfg.window,
+    settings = EarlyStopSettings(name=name, key="policy", traces=cfg.traces, signal=cfg.signal, window=cfg.window,
                                  max_new_tokens=max_new_tokens)
     K = max(cfg.trace_options)
     scheduler = Scheduler(sampler.capacity, layout="slots")
@@ -84,7 +84,7 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
 
 def calibrate_from_run(policy: Policy, run: RunResult, problems: Sequence, *,
                        key: Callable[[Any], str | None] = lambda problem: None, request_offset: int = 0) -> int:
-    """Feeds an uncut run recorded with ``record_signals`` (bench run (a)) to
+    """Feeds an uncut run recorded with ``record_signals`` (bench run `uncut`) to
     the policy as forced control requests with their labels, so the policy
     starts certified. The run's problems should be a random sample of the
     traffic the policy will serve (and, for an honest benchmark, not the

@@ -1,0 +1,219 @@
+"""Anytime-valid certification: the re-test schedule of a bucket's test.
+
+The policy re-tests a bucket as labelled control evidence arrives. Each test
+(ltt.py) is valid at its own level, but a stream of fresh level-delta tests
+is not: the chance that *some* evaluation certifies a candidate whose EM drop
+exceeds epsilon grows with the number of evaluations. This module makes the
+guarantee hold over the whole stream:
+
+    P(the bucket ever certifies -- and so ever puts in force -- a candidate
+      whose EM drop exceeds epsilon) <= delta.
+
+Method: alpha-spending over a pre-set schedule of checkpoints.
+
+* Checkpoints are fixed in advance on the count L of labelled control
+  requests the bucket has seen since its grid froze: c_1 = ``first``, then
+  geometric, c_{j+1} = max(c_j + 1, ceil(ratio * c_j)), until the evidence
+  window is full (c_j >= ``window``), then every ``window // 2`` labels.
+* The j-th checkpoint tests at level delta_j = delta * 6 / (pi^2 j^2)
+  (sum over j = delta: the Basel series).
+* Only a checkpoint may *add* a candidate to the certified set. Evaluations
+  between checkpoints (every ``evaluate_every`` pieces of evidence, as
+  before) re-run the test at the last checkpoint's level and keep only the
+  candidates that the last checkpoint certified *and* that still pass: they
+  can lower the value in force, never raise it beyond the checkpoint's set.
+  When several checkpoints are passed at once (labels arriving in bulk) the
+  last one reached is tested, at its own level (the skipped levels are
+  simply not spent).
+
+Proof sketch. Let A_j be the event that the test at checkpoint j certifies a
+violator. Under the assumptions below the window used at checkpoint j is an
+i.i.d. sample of the bucket's paired differences whose size does not depend
+on their values, so P(A_j) <= delta_j (ltt.py: each chain design is a level
+delta_j family-wise test). Every certified set the policy ever holds is a
+subset of some checkpoint's set, and the value in force is always in the
+current certified set, so {ever in force a violator} is contained in the
+union of the A_j, whose probability is at most sum_j delta_j = delta. The
+same argument applies to the overload test with epsilon_overload (its trace
+families split delta_j by weighted Bonferroni).
+
+Assumptions: the control slice is a random sample of the bucket's traffic,
+which is stationary (i.i.d. requests) over the stream; which control
+requests get labelled, and when, does not depend on their paired
+differences (missing at random; ``unlabeled="worst_case"`` removes the
+selection part); labels are truthful; replay is exact (notes/policy.md).
+
+The same :class:`Certifier` object drives the policy (policy.py) and the
+simulator (simulate.py, ``haltwise policy simulate``), which also runs the
+naive rule (``RetestSchedule(every=5, spending="none")``: a fresh level-delta
+test every 5 labels) to show that the simulator can fail.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+from . import ltt
+
+SPENDINGS = ("basel", "none")
+_BASEL = 6.0 / (math.pi ** 2)
+
+
+@dataclass(frozen=True)
+class RetestSchedule:
+    """Pre-set checkpoints on the labelled-evidence count and their levels.
+
+    first: labelled control requests at the first checkpoint (>= 1)
+    ratio: geometric growth of the checkpoints until the window is full (> 1)
+    window: the evidence window; past it, a checkpoint every window // 2 labels
+    delta: the total error budget
+    spending: "basel" (delta_j = delta 6 / (pi^2 j^2), anytime-valid) or
+        "none" (delta at every checkpoint: NOT anytime-valid; the naive rule,
+        for the simulator only)
+    every: if set, checkpoints every this many labels from ``first`` instead
+        of the geometric schedule (the naive rule)
+    """
+
+    first: int
+    ratio: float = 1.5
+    window: int = 1000
+    delta: float = 0.1
+    spending: str = "basel"
+    every: Optional[int] = None
+
+    def __post_init__(self):
+        for name, value, low in (("first", self.first, 1), ("window", self.window, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"RetestSchedule: {name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.ratio, (int, float)) or not self.ratio > 1.0:
+            raise ValueError(f"RetestSchedule: ratio must be a number > 1, got {self.ratio!r}")
+        if not isinstance(self.delta, (int, float)) or not 0.0 < self.delta < 1.0:
+            raise ValueError(f"RetestSchedule: delta must be in (0, 1), got {self.delta!r}")
+        if self.spending not in SPENDINGS:
+            raise ValueError(f"RetestSchedule: spending must be one of {SPENDINGS}, got {self.spending!r}")
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int)
+                                       or self.every < 1):
+            raise ValueError(f"RetestSchedule: every must be None or an int >= 1, got {self.every!r}")
+
+    def level(self, j: int) -> float:
+        """Test level of checkpoint j (1-based)."""
+        if j < 1:
+            raise ValueError(f"RetestSchedule.level: j must be >= 1, got {j}")
+        if self.spending == "none":
+            return self.delta
+        return self.delta * _BASEL / (j * j)
+
+    @functools.cached_property
+    def _points(self) -> tuple[int, ...]:
+        points = [self.first]
+        while points[-1] < self.window:
+            points.append(max(points[-1] + 1, math.ceil(self.ratio * points[-1])))
+        return tuple(points)
+
+    def checkpoint(self, j: int) -> int:
+        """Labelled-evidence count at checkpoint j (1-based)."""
+        if j < 1:
+            raise ValueError(f"RetestSchedule.checkpoint: j must be >= 1, got {j}")
+        if self.every is not None:
+            return self.first + (j - 1) * self.every
+        points = self._points
+        if j <= len(points):
+            return points[j - 1]
+        return points[-1] + (j - len(points)) * max(1, self.window // 2)
+
+    def reached(self, labelled: int) -> int:
+        """How many checkpoints a bucket with `labelled` labels has passed."""
+        if labelled < self.first:
+            return 0
+        if self.every is not None:
+            return 1 + (labelled - self.first) // self.every
+        points = self._points
+        if labelled < points[-1]:
+            return sum(p <= labelled for p in points)
+        return len(points) + (labelled - points[-1]) // max(1, self.window // 2)
+
+
+@dataclass
+class AnytimeState:
+    """What a bucket keeps between evaluations (persisted with the bucket)."""
+
+    labelled: int = 0  # labelled control requests seen since the grid froze
+    checkpoints: int = 0  # checkpoints tested so far (j of the last one)
+    sets: dict[str, list[int]] = field(default_factory=dict)  # family -> certified at the last checkpoint
+
+    def to_dict(self) -> dict:
+        return {"labelled": self.labelled, "checkpoints": self.checkpoints,
+                "sets": {k: list(v) for k, v in self.sets.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping | None) -> "AnytimeState":
+        if not data:
+            return cls()
+        return cls(labelled=int(data["labelled"]), checkpoints=int(data["checkpoints"]),
+                   sets={str(k): [int(i) for i in v] for k, v in data["sets"].items()})
+
+
+# A family: level -> the candidates it certifies at that level (increasing indices).
+Family = Callable[[float], list]
+
+
+def chain_family(harms: Sequence[int], helps: Sequence[int], n: int, *, epsilon: float, test: str, starts: int,
+                 share: float = 1.0) -> Family:
+    """The fixed-sequence chain design of ltt.certified_set over one ordered
+    candidate list, as a function of the level (it runs at ``share`` x level)."""
+    return lambda level: ltt.certified_set(harms, helps, n, epsilon=epsilon, delta=level * share, test=test,
+                                           starts=starts)
+
+
+def policy_families(config, harms, helps, n: int, test: str) -> dict[str, Family]:
+    """The policy's families of tests over one evidence window (policy.py uses
+    exactly these). harms, helps: (R, G + 1) counts per trace option r
+    (config.trace_options; row 0 = all K traces) and candidate (column 0: no
+    cut, column j + 1: grid index j).
+
+    "normal": the grid candidates with K traces, epsilon, ``chain_starts``
+    chains. "overload/<K'>": every column of trace option K', at
+    epsilon_overload; weighted Bonferroni over these families (shares summing
+    to 1): a fewer-traces family weighs 2, the all-traces family 1; a
+    fewer-traces chain starts at "no cut" and one chain keeps all its power
+    there."""
+    options = config.trace_options
+    weights = [1.0 if k == config.traces else 2.0 for k in options]
+    families = {"normal": chain_family(harms[0][1:], helps[0][1:], n, epsilon=config.epsilon, test=test,
+                                       starts=config.chain_starts)}
+    for r, k in enumerate(options):
+        families[f"overload/{k}"] = chain_family(harms[r], helps[r], n, epsilon=config.epsilon_overload, test=test,
+                                                 starts=config.chain_starts if k == config.traces else 1,
+                                                 share=weights[r] / sum(weights))
+    return families
+
+
+class Certifier:
+    """Applies a :class:`RetestSchedule` to a bucket's families of tests."""
+
+    def __init__(self, schedule: RetestSchedule):
+        if not isinstance(schedule, RetestSchedule):
+            raise TypeError(f"Certifier: schedule must be a RetestSchedule, got {type(schedule).__name__}")
+        self.schedule = schedule
+
+    def evaluate(self, state: AnytimeState, families: Mapping[str, Family]) -> tuple[dict[str, list[int]], bool]:
+        """One evaluation at ``state.labelled`` labels. Returns (certified
+        candidates per family, whether this evaluation was a checkpoint).
+        Updates `state` at a checkpoint."""
+        reached = self.schedule.reached(state.labelled)
+        if reached > state.checkpoints:  # a checkpoint: the full test at its level; it may add candidates
+            level = self.schedule.level(reached)
+            state.checkpoints = reached
+            state.sets = {name: [int(c) for c in family(level)] for name, family in families.items()}
+            return {name: list(v) for name, v in state.sets.items()}, True
+        if state.checkpoints == 0:
+            return {name: [] for name in families}, False
+        # between checkpoints: only remove (what the last checkpoint certified and still passes)
+        level = self.schedule.level(state.checkpoints)
+        out = {}
+        for name, family in families.items():
+            kept = state.sets.get(name, [])
+            out[name] = sorted(set(kept) & set(int(c) for c in family(level))) if kept else []
+        return out, False

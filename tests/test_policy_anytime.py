@@ -1,0 +1,117 @@
+"""The anytime-valid re-test schedule (policy/anytime.py) and its simulator
+(policy/simulate.py, `haltwise policy simulate`)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from haltwise.cli import main
+from haltwise.policy import ltt
+from haltwise.policy.anytime import AnytimeState, Certifier, RetestSchedule, policy_families
+from haltwise.policy.config import PolicyConfig
+from haltwise.policy.simulate import naive_schedule, run_setting, settings, simulate
+
+
+def test_schedule_levels_sum_to_delta_and_checkpoints_are_preset():
+    s = RetestSchedule(first=200, ratio=1.5, window=1000, delta=0.1)
+    assert [s.checkpoint(j) for j in range(1, 7)] == [200, 300, 450, 675, 1013, 1513]
+    assert math.fsum(s.level(j) for j in range(1, 200000)) == pytest.approx(0.1, rel=1e-4)
+    assert sum(s.level(j) for j in range(1, 50)) < 0.1
+    for labelled in range(0, 3000, 7):
+        j = s.reached(labelled)
+        assert j == sum(s.checkpoint(i) <= labelled for i in range(1, 20))
+    naive = RetestSchedule(first=203, every=5, delta=0.1, spending="none")
+    assert naive.reached(202) == 0 and naive.reached(203) == 1 and naive.reached(213) == 3
+    assert naive.level(7) == 0.1
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(first=0), "first"), (dict(first=10, ratio=1.0), "ratio"), (dict(first=10, delta=1.5), "delta"),
+    (dict(first=10, spending="x"), "spending"), (dict(first=10, every=0), "every")])
+def test_schedule_rejects_bad_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        RetestSchedule(**kwargs)
+
+
+def test_between_checkpoints_an_evaluation_only_removes():
+    sched = RetestSchedule(first=100, ratio=2.0, window=1000, delta=0.1)
+    certifier = Certifier(sched)
+    state = AnytimeState(labelled=99)
+    calls = []
+
+    def family(level):
+        calls.append(level)
+        return list(range(len(calls) + 2))  # would certify more every time
+
+    sets, at = certifier.evaluate(state, {"f": family})
+    assert sets == {"f": []} and not at and calls == []  # before the first checkpoint: nothing
+    state.labelled = 100
+    sets, at = certifier.evaluate(state, {"f": family})
+    assert at and sets == {"f": [0, 1, 2]} and calls == [pytest.approx(0.1 * 6 / math.pi ** 2)]
+    state.labelled = 150
+    sets, at = certifier.evaluate(state, {"f": family})
+    assert not at and sets == {"f": [0, 1, 2]}  # the family offered 0..3: 3 is not added
+    sets, _ = certifier.evaluate(state, {"f": lambda level: [1, 2]})
+    assert sets == {"f": [1, 2]}  # removals take effect
+    state.labelled = 200
+    sets, at = certifier.evaluate(state, {"f": family})
+    assert at and state.checkpoints == 2 and calls[-1] == pytest.approx(0.1 * 6 / math.pi ** 2 / 4)
+    assert AnytimeState.from_dict(state.to_dict()) == state
+
+
+def test_policy_families_match_the_chain_design():
+    cfg = PolicyConfig(traces=16, overload_traces=(8,))
+    rng = np.random.default_rng(1)
+    harms = rng.integers(0, 6, size=(2, 41)).tolist()
+    helps = rng.integers(0, 6, size=(2, 41)).tolist()
+    fam = policy_families(cfg, harms, helps, 400, "mcnemar")
+    assert set(fam) == {"normal", "overload/16", "overload/8"}
+    assert fam["normal"](0.05) == ltt.certified_set(harms[0][1:], helps[0][1:], 400, epsilon=0.02, delta=0.05,
+                                                    test="mcnemar", starts=3)
+    assert fam["overload/8"](0.06) == ltt.certified_set(harms[1], helps[1], 400, epsilon=0.05, delta=0.04,
+                                                        test="mcnemar", starts=1)
+
+
+def test_skipping_non_checkpoint_evaluations_gives_the_same_outcome():
+    cfg = PolicyConfig(evidence_window=400, min_evidence=150)
+    for setting in settings(cfg)[:3:2]:
+        fast = run_setting(cfg, setting, repetitions=30, labels=600, seed=3)
+        full = run_setting(cfg, setting, repetitions=30, labels=600, seed=3, every_evaluation=True)
+        assert fast == full
+
+
+def test_anytime_schedule_holds_and_the_naive_rule_fails():
+    """The whole-stream error: the schedule stays within delta on every
+    boundary setting; the naive rule (fresh level-delta test every 5 labels)
+    exceeds it on the same streams."""
+    cfg = PolicyConfig()
+    by_name = {s.name: s for s in settings(cfg)}
+    good = run_setting(cfg, by_name["harms_only"], repetitions=400, labels=4000, seed=11)
+    bad = run_setting(cfg, by_name["harms_only"], repetitions=150, labels=4000, seed=11,
+                      schedule=naive_schedule(cfg))
+    assert good["rate"] + 2 * good["se"] <= cfg.delta
+    assert bad["rate"] - 2 * bad["se"] > cfg.delta
+
+
+def test_simulate_report_and_cli(tmp_path):
+    report = simulate(PolicyConfig(), repetitions=20, labels=400, naive_repetitions=5)
+    assert [s["name"] for s in report["settings"]] == ["harms_only", "many_helps", "falls_then_rises",
+                                                        "overload_harms_only"]
+    for s in report["settings"]:
+        assert set(s) >= {"name", "repetitions", "rate", "se"} and s["repetitions"] == 20
+    out = tmp_path / "sim.json"
+    rc = main(["policy", "simulate", "--json", str(out), "--repetitions", "20", "--naive-repetitions", "0",
+               "--labels", "300"])
+    data = json.loads(out.read_text())
+    assert data["delta"] == 0.1 and len(data["settings"]) == 4 and data["naive"] == []
+    assert rc == (0 if data["valid"] else 1)
+    with pytest.raises(ValueError, match="repetitions"):
+        simulate(PolicyConfig(), repetitions=0)
+
+
+def test_simulate_cli_bad_input(capsys):
+    assert main(["policy", "simulate", "--repetitions", "0"]) == 2
+    assert "--repetitions must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["policy", "simulate", "--delta", "2"]) == 2
+    assert "delta" in capsys.readouterr().err
