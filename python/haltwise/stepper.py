@@ -139,7 +139,7 @@ class Stepper:
 
         admitted: list[int] = []
 
-        def admit(plan) -> None:  # inside the policy's planning transaction: raising undoes the plan
+        def admit(plan: Plan) -> None:  # inside the policy's planning transaction: raising undoes the plan
             if plan.traces > TRACE_STRIDE:
                 raise ValueError(f"Stepper.submit: a plan may have at most {TRACE_STRIDE} traces, got {plan.traces}")
             room = self._queue_room()

@@ -214,6 +214,7 @@ def run_soak(requests: int, *, capacity: int = 256, traces: int = 4, max_queue: 
                 blocked.append(pending.popleft())  # retried once the direct request has ended
                 continue
             pending.popleft()
+            assert plan is not None  # a Stepper with a policy returns the plan
             open_requests[rid] = {"records": [None] * plan.traces, "left": plan.traces, "cancelled": False}
             if rng.random() < cancel_rate:
                 cancel(rid)

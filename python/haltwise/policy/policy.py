@@ -218,6 +218,11 @@ class Policy:
     ('warmup', 4, True)
     """
 
+    # Filled by _load() (from the database), reset by _snapshot()'s undo.
+    _seq: int
+    _buckets: dict[str, BucketState]
+    _persisted: set[str]
+
     def __init__(self, config: PolicyConfig | None = None, *, db=":memory:", clock=time.time,
                  readonly: bool = False):
         if config is not None and not isinstance(config, PolicyConfig):
@@ -250,7 +255,7 @@ class Policy:
         except BaseException:
             store.close()
             raise
-        self.config = config
+        self.config: PolicyConfig = config
         self.store = store
         self._levels = quantile_levels(config.grid_size, config.grid_low, config.grid_high)
         self._load()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -154,7 +154,7 @@ def simulate(config: PolicyConfig | None = None, *, repetitions: int = 2000, lab
     if isinstance(naive_repetitions, bool) or not isinstance(naive_repetitions, int) or naive_repetitions < 0:
         raise ValueError(f"simulate: naive_repetitions must be an int >= 0, got {naive_repetitions!r}")
     schedule = config.schedule()
-    report = {
+    report: dict[str, Any] = {
         "delta": config.delta, "epsilon": config.epsilon, "epsilon_overload": config.epsilon_overload,
         "labels": labels, "evaluate_every": config.evaluate_every, "evidence_window": config.evidence_window,
         "schedule": {"first": schedule.first, "ratio": schedule.ratio, "spending": schedule.spending,
