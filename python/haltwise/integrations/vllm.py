@@ -14,8 +14,9 @@ with ``"vllm_xargs": {"haltwise": {...}}`` in the request body.
 Per-request settings (``SamplingParams.extra_args["haltwise"]``), all optional:
 ``low_conf_signal``, ``low_conf_threshold``, ``window``, ``min_new_tokens`` (those
 of :class:`haltwise.StopConfig`) and ``top_k_conf`` (k of the DeepConf token
-confidence, default 20). ``validate_params`` refuses bad ones with a ValueError that
-names the key (the OpenAI server answers HTTP 400). A request without "haltwise" is
+confidence, default 20). ``validate_params`` refuses bad ones with vLLM's
+VLLMValidationError (a ValueError from ``parse_settings``) whose message names the key;
+the OpenAI server answers HTTP 400. A request without "haltwise" is
 never touched: its logits are not read or written, so it decodes exactly the tokens it
 decodes without the processor.
 
@@ -49,6 +50,7 @@ from typing import Any
 
 import torch
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from .vllm_rows import EXTRA_ARGS_KEY, SETTING_KEYS, RowTable, parse_settings
@@ -61,7 +63,11 @@ class HaltwiseLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams):
-        parse_settings(sampling_params)
+        try:
+            parse_settings(sampling_params)
+        except ValueError as e:  # the OpenAI server answers HTTP 400
+            raise VLLMValidationError(str(e), parameter=f"extra_args.{EXTRA_ARGS_KEY}",
+                                      value=(sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)) from None
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
         spec = getattr(vllm_config, "speculative_config", None)

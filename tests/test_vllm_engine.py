@@ -1,0 +1,99 @@
+"""End to end on vLLM (CPU build) with the bundled checkpoint: one engine for the
+module, HaltwiseLogitsProcessor loaded, token-id prompts. Skipped only where vLLM
+is not installed (CI installs it: .ci/vllm.sh)."""
+from __future__ import annotations
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install haltwise[vllm]; CI: .ci/vllm.sh)")
+
+from haltwise.models import BUNDLED_CHECKPOINT  # noqa: E402
+from haltwise.tasks import arith  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")  # vLLM's own deprecation and resource warnings
+
+PROBLEMS = arith.eval_set(24)
+PROMPTS = [{"prompt_token_ids": arith.prompt_ids(p)} for p in PROBLEMS]
+CUT = {"low_conf_signal": "logprob", "low_conf_threshold": -0.35, "window": 8, "min_new_tokens": 8}
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from haltwise.integrations.vllm import HaltwiseLogitsProcessor
+
+    engine = vllm.LLM(model=str(BUNDLED_CHECKPOINT), skip_tokenizer_init=True, gpu_memory_utilization=0.1,
+                      dtype="float32", max_model_len=144, max_num_seqs=64, seed=0,
+                      logits_processors=[HaltwiseLogitsProcessor], enforce_eager=True)
+    yield engine
+    del engine
+
+
+def params(seed, haltwise=None, **kw):
+    extra = None if haltwise is None else {"haltwise": haltwise}
+    return vllm.SamplingParams(temperature=1.0, max_tokens=112, seed=seed, stop_token_ids=[arith.EOS_ID],
+                               extra_args=extra, detokenize=False, **kw)
+
+
+def tokens(outputs):
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_cut_outputs_are_uncut_prefixes_plus_the_end_token(llm):
+    seeds = range(len(PROMPTS))
+    uncut = llm.generate(PROMPTS, [params(s) for s in seeds], use_tqdm=False)
+    # a request that asks but whose rule never fires decodes the same tokens
+    asked_never = llm.generate(PROMPTS, [params(s, {**CUT, "low_conf_threshold": -1e30}) for s in seeds],
+                               use_tqdm=False)
+    cut = llm.generate(PROMPTS, [params(s, CUT) for s in seeds], use_tqdm=False)
+    assert tokens(asked_never) == tokens(uncut)
+    n_cut = 0
+    for u, c, o in zip(tokens(uncut), tokens(cut), cut):
+        assert o.outputs[0].finish_reason in ("stop", "length")
+        if c != u:
+            n_cut += 1
+            assert c[-1] == arith.EOS_ID and c[:-1] == u[: len(c) - 1], (u, c)
+            assert len(c) < len(u)
+            assert len(c) - 1 >= CUT["min_new_tokens"]
+    assert n_cut >= 1, "the threshold should cut some of these traces"
+    assert n_cut < len(PROMPTS)
+    assert sum(map(len, tokens(cut))) < sum(map(len, tokens(uncut)))
+
+
+def test_untouched_requests_decode_exactly_as_without_the_processor(llm):
+    """Requests without settings, batched with requests that get cut, decode the
+    tokens they decode alone (same seed); and the same as haltwise's own model greedy."""
+    n = 8
+    alone = llm.generate(PROMPTS[:n], [params(100 + i) for i in range(n)], use_tqdm=False)
+    mixed_prompts = PROMPTS[:n] + PROMPTS[n: 2 * n]
+    mixed = llm.generate(mixed_prompts, [params(100 + i) for i in range(n)]
+                         + [params(i, {**CUT, "low_conf_threshold": 0.0}) for i in range(n)], use_tqdm=False)
+    assert tokens(mixed[:n]) == tokens(alone)
+    # threshold 0 on a logprob window: every asking request is cut right at min_new_tokens (+ the end token)
+    for c in tokens(mixed[n:]):
+        assert len(c) == CUT["min_new_tokens"] + 1 and c[-1] == arith.EOS_ID
+
+
+def test_greedy_decoding_matches_haltwise_own_model(llm):
+    import torch
+
+    from haltwise.models.evaluate import generate
+    from haltwise.models.gpt import load_pretrained
+
+    n = 6
+    out = llm.generate(PROMPTS[:n], vllm.SamplingParams(temperature=0.0, max_tokens=112, stop_token_ids=[arith.EOS_ID],
+                                                        detokenize=False), use_tqdm=False)
+    model, _ = load_pretrained()
+    with torch.no_grad():
+        ours = generate(model, [arith.prompt_ids(p) for p in PROBLEMS[:n]], max_new=112, temperature=0.0)
+    assert tokens(out) == [list(t) for t in ours.tokens]
+
+
+def test_bad_settings_are_refused_naming_the_key(llm):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="window must be >= 1, got 0"):
+        llm.generate(PROMPTS[:1], params(0, {"window": 0}), use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match=r"unknown key\(s\) \['treshold'\]"):
+        llm.generate(PROMPTS[:1], params(0, {"treshold": 1.0}), use_tqdm=False)
+    # the engine still serves after a refusal
+    assert len(tokens(llm.generate(PROMPTS[:1], params(0), use_tqdm=False))[0]) > 0
