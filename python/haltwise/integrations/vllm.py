@@ -89,3 +89,162 @@ class HaltwiseLogitsProcessor(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         return self.table.apply(logits)
+
+
+class VLLMParallelSampler:
+    """K traces per problem on a vLLM engine, under the same :class:`EarlyStopSettings`
+    (warm-up thresholds, waves, consensus rules, votes) as haltwise's own
+    :class:`~haltwise.decoding.parallel.ParallelSampler`, sharing its code: the
+    DeepConf threshold (``voting.warmup_threshold``), the settle rules
+    (``voting.vote_settled``), the vote (``ProblemResult.vote``) and the window means
+    (``tracebank``). Needs an ``LLM`` whose engine loaded HaltwiseLogitsProcessor.
+
+    * Warm-up traces run uncut and return the sampled tokens' logprobs, from which the
+      problem's threshold is set; later traces get it through ``extra_args``.
+    * Waves: after the warm-up a problem's traces are added ``wave_size`` at a time
+      (0: all at once), the next wave once the previous one has ended.
+    * Consensus: once a problem's vote is settled ("unbeatable": the leader cannot be
+      overturned by the traces not yet ended; "beta" / "run" as in voting.py) its
+      in-flight traces are ended through vLLM's own ``abort_request`` (reason
+      GROUP_CONSENSUS, their tokens so far counted) and the rest never start.
+    * A trace whose end token the processor forced is told apart from one that ended on
+      its own by replaying the rule on its returned logprobs (``tracebank.cut_length``):
+      it gets reason LOW_CONFIDENCE and does not vote, as in the haltwise loop.
+    """
+
+    def __init__(self, llm, task, *, temperature: float = 1.0, seed: int = 0, top_k_conf: int = 20):
+        self.llm, self.task = llm, task
+        self.temperature, self.seed, self.top_k_conf = temperature, seed, top_k_conf
+        self._run_id = 0
+
+    def run(self, problems, settings, progress=None):
+        import math
+        import time
+
+        import numpy as np
+        from vllm.sampling_params import RequestOutputKind
+
+        from ..decoding.loop import LoopStats
+        from ..decoding.parallel import VOTING_REASONS, ProblemResult, RunResult, TraceResult
+        from ..scheduler import StopReason
+        from ..tracebank import cut_length, lowest_window_mean
+        from ..voting import vote_settled, warmup_threshold
+
+        engine = self.llm.llm_engine
+        K = settings.traces
+        self._run_id += 1
+        tag = f"hw{self._run_id}"
+        results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
+        prompts = [{"prompt_token_ids": list(self.task.prompt_ids(p))} for p in problems]
+        queued: list[list[int]] = [[] for _ in problems]  # traces not yet added, in order
+        in_flight: list[dict[str, int]] = [{} for _ in problems]  # request id -> trace
+        tokens_so_far: dict[str, int] = {}
+        settled = [False] * len(problems)
+        warmup = settings.warmup
+        thresholds: list[float | None] = [None] * len(problems)
+        stats = LoopStats()
+
+        def add(p: int, k: int) -> None:
+            threshold = thresholds[p] if k >= warmup else None
+            extra = None
+            if threshold is not None:
+                extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
+                                          "window": settings.window, "min_new_tokens": settings.window,
+                                          "top_k_conf": self.top_k_conf}}
+            params = SamplingParams(temperature=self.temperature, seed=self.seed * 1_000_003 + p * K + k,
+                                    max_tokens=settings.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
+                                    logprobs=0, extra_args=extra, detokenize=False,
+                                    output_kind=RequestOutputKind.CUMULATIVE)
+            rid = f"{tag}-{p}-{k}"
+            engine.add_request(rid, prompts[p], params)
+            in_flight[p][rid] = k
+
+        def admit(p: int) -> None:
+            """Add the problem's next traces: waves of wave_size (0: all), the
+            warm-up traces first and alone, the next wave once the last has ended."""
+            if settled[p] or not queued[p] or (settings.wave_size and in_flight[p]):
+                return
+            n = settings.wave_size or len(queued[p])
+            started = len(results[p].traces) + len(in_flight[p])
+            if started < warmup:
+                n = min(n, warmup - started)
+            elif thresholds[p] is None and warmup and len(results[p].traces) < warmup:
+                return  # the warm-up has not ended: no threshold yet
+            for k in queued[p][:n]:
+                add(p, k)
+            del queued[p][:n]
+
+        def finish(p: int, k: int, token_ids, logprobs, reason: StopReason) -> None:
+            values = np.array([lp[t].logprob for t, lp in zip(token_ids, logprobs or [])], dtype=np.float64)
+            if settings.signal != "logprob" or len(values) != len(token_ids):
+                values = np.full(len(token_ids), math.nan)
+            threshold = thresholds[p] if k >= warmup else None
+            if (reason == StopReason.EOS and threshold is not None and len(values) >= 2
+                    and cut_length(values[:-1], threshold, window=settings.window, min_new_tokens=settings.window,
+                                   last_evaluated=True) == len(values) - 1):
+                reason = StopReason.LOW_CONFIDENCE
+            answer = self.task.answer_of(token_ids) if reason in VOTING_REASONS else None
+            lwm = lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window)
+            results[p].traces.append(TraceResult(
+                problem=p, trace=k, reason=reason, num_tokens=len(token_ids), answer=answer,
+                correct=answer is not None and answer == results[p].reference, min_window_mean=lwm,
+                mean_logprob=float(values.mean()) if len(values) else math.nan))
+            if progress is not None:
+                progress(1)
+
+        def after_finish(p: int) -> None:
+            done = len(results[p].traces)
+            if warmup and done == warmup and thresholds[p] is None and not settled[p]:
+                lows = [t.min_window_mean for t in results[p].traces if not math.isnan(t.min_window_mean)]
+                thresholds[p] = results[p].threshold = warmup_threshold(lows, settings.keep_percent) if lows else None
+            remaining = K - done
+            if settings.consensus is not None and remaining and not settled[p]:
+                answers = [t.answer for t in sorted(results[p].traces, key=lambda t: t.trace) if t.votes]
+                if vote_settled(answers, rule=settings.consensus, threshold=settings.consensus_threshold,
+                                remaining=remaining):
+                    settled[p] = True
+                    ids = list(in_flight[p])
+                    if ids:
+                        engine.abort_request(ids)
+                    for rid in ids:
+                        k = in_flight[p].pop(rid)
+                        results[p].traces.append(TraceResult(
+                            problem=p, trace=k, reason=StopReason.GROUP_CONSENSUS,
+                            num_tokens=tokens_so_far.pop(rid, 0), answer=None, correct=False,
+                            min_window_mean=math.nan, mean_logprob=math.nan))
+                    for k in queued[p]:
+                        results[p].traces.append(TraceResult(
+                            problem=p, trace=k, reason=StopReason.GROUP_CONSENSUS, num_tokens=0, answer=None,
+                            correct=False, min_window_mean=math.nan, mean_logprob=math.nan))
+                    queued[p].clear()
+            admit(p)
+
+        t0 = time.perf_counter()
+        for p in range(len(problems)):
+            queued[p] = list(range(K))
+            admit(p)
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            stats.steps += 1
+            for out in outputs:
+                p, k = (int(v) for v in out.request_id.rsplit("-", 2)[1:])
+                if out.request_id not in in_flight[p]:
+                    continue  # aborted: already recorded
+                comp = out.outputs[0]
+                tokens_so_far[out.request_id] = len(comp.token_ids)
+                if not out.finished:
+                    continue
+                del in_flight[p][out.request_id]
+                tokens_so_far.pop(out.request_id, None)
+                reason = StopReason.MAX_TOKENS if comp.finish_reason == "length" else StopReason.EOS
+                finish(p, k, list(comp.token_ids), comp.logprobs, reason)
+                after_finish(p)
+        stats.wall_s = time.perf_counter() - t0
+        missing = [p for p, r in enumerate(results) if len(r.traces) != K]
+        if missing:
+            raise RuntimeError(f"VLLMParallelSampler: problems {missing[:5]} did not end all {K} traces")
+        for problem in results:
+            problem.vote(settings.weighting)
+        run = RunResult(settings=settings, problems=results, loop=stats)
+        stats.tokens = run.tokens
+        return run
