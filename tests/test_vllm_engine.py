@@ -97,3 +97,37 @@ def test_bad_settings_are_refused_naming_the_key(llm):
         llm.generate(PROMPTS[:1], params(0, {"treshold": 1.0}), use_tqdm=False)
     # the engine still serves after a refusal
     assert len(tokens(llm.generate(PROMPTS[:1], params(0), use_tqdm=False))[0]) > 0
+
+
+def test_parallel_sampler_on_vllm_waves_consensus_and_abort(llm):
+    """The vLLM driver under haltwise bench's settings: every trace of every problem
+    is accounted for once; uncut traces are those of plain generate with the same
+    seeds; waves + consensus end settled siblings (aborted in flight or never
+    started) and spend fewer tokens than uncut."""
+    from haltwise.benchmarks.decode import DecodeBenchConfig, default_runs
+    from haltwise.integrations.vllm import VLLMParallelSampler
+    from haltwise.scheduler import StopReason
+    from haltwise.tasks.adapters import ArithTask
+
+    problems = PROBLEMS[:8]
+    cfg = DecodeBenchConfig(problems=len(problems), traces=8, max_new_tokens=112)
+    uncut_settings, cut_settings, consensus_settings = default_runs(cfg)
+    sampler = VLLMParallelSampler(llm, ArithTask(), seed=3)
+    uncut = sampler.run(problems, uncut_settings)
+    run = sampler.run(problems, consensus_settings)
+    for result in (uncut, run):
+        for p in result.problems:
+            assert sorted(t.trace for t in p.traces) == list(range(cfg.traces))
+    # uncut traces: the tokens plain generate samples with the driver's seeds
+    K = cfg.traces
+    plain = llm.generate([PROMPTS[0]] * K, [vllm.SamplingParams(
+        temperature=1.0, seed=3 * 1_000_003 + k, max_tokens=112, stop_token_ids=[arith.EOS_ID], detokenize=False)
+        for k in range(K)], use_tqdm=False)
+    assert [len(t) for t in tokens(plain)] == [t.num_tokens for t in sorted(uncut.problems[0].traces,
+                                                                           key=lambda t: t.trace)]
+    ended = [t.reason for p in run.problems for t in p.traces]
+    assert StopReason.GROUP_CONSENSUS in ended
+    assert run.tokens < uncut.tokens
+    assert all(p.threshold is not None for p in run.problems if len(p.traces) and
+               any(t.trace >= consensus_settings.warmup and t.num_tokens for t in p.traces))
+    assert run.em >= uncut.em - 0.25  # 8 problems: a loose sanity bound; the benchmark measures it properly
