@@ -104,7 +104,7 @@ def use_source_tree() -> None:
 
 
 def reference64(x: torch.Tensor, top_k_conf: int) -> dict:
-    """float64 signals of valid rows (on x's device), from the definitions in DESIGN.md."""
+    """float64 signals of valid rows (on x's device), from the definitions in docs/signals.md."""
     x = x.double()
     lse = torch.logsumexp(x, -1)
     logp = x - lse[:, None]
@@ -340,13 +340,20 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
 
-    failed = [c["name"] for c in cases if "error" in c or not c["check"]["ok"]]
+    failed = failures(report)
+    print_table(cases, report, path, failed)
+    return 1 if failed else 0
+
+
+def failures(report: dict) -> list[str]:
+    """Names of the failed checks of a report: cases that raised or came out
+    wrong, then bad_rows and native_tokens."""
+    failed = [c["name"] for c in report["cases"] if "error" in c or not c["check"]["ok"]]
     if not report["bad_rows"]["ok"]:
         failed.append("bad_rows")
     if not report.get("native_tokens", {"ok": True})["ok"]:
         failed.append("native_tokens")
-    print_table(cases, report, path, failed)
-    return 1 if failed else 0
+    return failed
 
 
 def fmt(value, spec: str) -> str:

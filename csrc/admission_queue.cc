@@ -81,6 +81,10 @@ void AdmissionQueue::unpark(int32_t group) {
   g.parked.clear();
 }
 
+void AdmissionQueue::forget_group(int32_t group) {
+  if (static_cast<size_t>(group) < groups_.size()) groups_[static_cast<size_t>(group)] = GroupQueue();
+}
+
 std::vector<uint64_t> AdmissionQueue::group_members(int32_t group, size_t limit) {
   std::vector<uint64_t> out;
   if (static_cast<size_t>(group) >= groups_.size()) return out;

@@ -54,6 +54,9 @@ class AdmissionQueue {
   // Puts the parked requests of `group` back in their classes.
   void unpark(int32_t group);
 
+  // Frees what is kept for `group`, which has no queued member: its index may be reused.
+  void forget_group(int32_t group);
+
   // Up to `limit` queued members of `group`, oldest first.
   std::vector<uint64_t> group_members(int32_t group, size_t limit);
 

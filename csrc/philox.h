@@ -2,16 +2,20 @@
 // SC'11), bit-identical to Random123's philox4x32_R<10> and to Triton's
 // tl.philox, plus the mapping from its bits to the Gumbel noise of the sampler.
 //
-// The sampling contract shared by every backend (native, triton, torch):
+// The sampling contract shared by every backend (native, triton, torch);
+// docs/sampling.md states it with known-answer vectors. For column j:
 //   key     = the row's seed, 64 bits: k0 = low 32 bits, k1 = high 32 bits
-//   counter = (column / 4, offset low 32 bits, offset high 32 bits, salt)
-//   bits    = word (column % 4) of philox4x32_10(counter, key)
+//   counter = ((j >> 6) * 16 + (j & 15), offset low 32 bits, offset high 32 bits, salt)
+//   bits    = word (j >> 4) & 3 of philox4x32_10(counter, key)
 //   u       = ((bits >> 8) + 0.5) * 2^-24        exactly representable, in (0, 1)
 //   g       = -log(-log(u))                      standard Gumbel, float32
-// salt is the row index when seed/offset were given as scalars (so rows
-// differ) and 0 when each row has its own seed and offset (so a row's draw
-// depends only on its own seed, offset and logits: batch-invariant).
-// One Philox call feeds four consecutive columns.
+// So column 64b + 16w + l takes word w of counter 16b + l: one Philox call
+// feeds four columns 16 apart (l, l + 16, l + 32, l + 48 of a 64-column
+// block), and 16 consecutive columns take the same word of 16 consecutive
+// counters (one SIMD vector of counters per word).
+// salt is the row index when seed and offset were both given as scalars (so
+// rows differ) and 0 when each row has its own seed and offset (so a row's
+// draw depends only on its own seed, offset and logits: batch-invariant).
 #pragma once
 
 #include <cstdint>

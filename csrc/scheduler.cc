@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
+#include <stdexcept>
 #include <string>
 
 namespace haltwise {
@@ -42,10 +44,6 @@ Scheduler::Scheduler(const SchedulerOptions& options) : options_(options), queue
   if (options.consensus_min_votes < 1)
     throw std::invalid_argument("Scheduler: consensus_min_votes must be >= 1, got " +
                                 std::to_string(options.consensus_min_votes));
-  slots_.resize(static_cast<size_t>(options.capacity));
-  used_.assign(static_cast<size_t>(options.capacity), 0);
-  for (int32_t slot = 0; slot < static_cast<int32_t>(options.capacity); ++slot) free_slots_.push(slot);
-  rows_.reserve(static_cast<size_t>(options.capacity));
   blocked_ = [this](int32_t g) { return group_blocked(g); };
 }
 
@@ -55,11 +53,48 @@ int32_t Scheduler::group_index(int64_t group, bool create) {
   auto found = group_indices_.find(group);
   if (found != group_indices_.end()) return found->second;
   if (!create) return -1;
-  const int32_t index = static_cast<int32_t>(groups_.size());
-  groups_.emplace_back();
-  groups_.back().id = group;
+  int32_t index;
+  if (!free_groups_.empty()) {
+    index = free_groups_.back();
+    free_groups_.pop_back();
+  } else {
+    index = static_cast<int32_t>(groups_.size());
+    groups_.emplace_back();
+  }
+  groups_[static_cast<size_t>(index)].id = group;
   group_indices_.emplace(group, index);
   return index;
+}
+
+// A group is released (its state freed, its id forgotten) at the start of the
+// first step after the plan that reported the end of its last member, if it
+// still has no queued or active member then. Until that step the caller may
+// report the answers of the plan's finished members and read vote() and
+// leader(); from it on, the group is unknown: report_answer() of its members
+// raises, vote() is {}, leader() None, settle_group() 0, and a later submit
+// with its id starts a new group.
+void Scheduler::release_groups() {
+  size_t kept = 0;
+  for (int32_t g : empty_groups_) {
+    Group& group = groups_[static_cast<size_t>(g)];
+    if (group.queued > 0 || !group.members.empty()) {
+      group.release_candidate = false;  // back in use: listed again when it empties
+      continue;
+    }
+    if (group.reported_by >= step_count_) {  // its last end is in this step's plan, or a later one
+      empty_groups_[kept++] = g;
+      continue;
+    }
+    for (int64_t request_id : group.ended) {
+      auto found = awaiting_answer_.find(request_id);
+      if (found != awaiting_answer_.end() && found->second == g) awaiting_answer_.erase(found);
+    }
+    group_indices_.erase(group.id);
+    queue_.forget_group(g);
+    group = Group();
+    free_groups_.push_back(g);
+  }
+  empty_groups_.resize(kept);
 }
 
 bool Scheduler::group_blocked(int32_t g) const {
@@ -145,8 +180,9 @@ std::optional<int64_t> Scheduler::leader(int64_t group) const {
 
 void Scheduler::submit(int64_t request_id, int64_t max_new_tokens, int64_t priority, std::optional<int64_t> group,
                        std::shared_ptr<const StopRules> rules) {
-  if (max_new_tokens < 1)
-    throw std::invalid_argument("submit: max_new_tokens must be >= 1, got " + std::to_string(max_new_tokens));
+  if (max_new_tokens < 1 || max_new_tokens > kMaxNewTokens)
+    throw std::invalid_argument("submit: max_new_tokens must be in [1, " + std::to_string(kMaxNewTokens) + "], got " +
+                                std::to_string(max_new_tokens));
   if (!rules) throw std::invalid_argument("submit: stop rules must not be null");
   if (requests_.find(request_id) != requests_.end())
     throw std::invalid_argument("submit: request_id " + std::to_string(request_id) + " is already queued or active");
@@ -209,8 +245,15 @@ void Scheduler::record_end(int64_t request_id, int32_t g, StopReason reason, int
   record.request_id = request_id;
   record.reason = reason;
   if (g >= 0) {
-    record.group = groups_[static_cast<size_t>(g)].id;
+    Group& group = groups_[static_cast<size_t>(g)];
+    record.group = group.id;
     awaiting_answer_[request_id] = g;
+    group.ended.push_back(request_id);
+    group.reported_by = out == &pending_finished_ ? step_count_ + 1 : step_count_;
+    if (group.queued == 0 && group.members.empty() && !group.release_candidate) {
+      group.release_candidate = true;
+      empty_groups_.push_back(g);
+    }
   }
   record.summary = std::move(summary);
   out->push_back(std::move(record));
@@ -244,24 +287,65 @@ void Scheduler::end_active(int32_t slot, StopReason reason, std::vector<Finished
   record_end(s.request_id, s.group, reason, s.max_new_tokens, s.tracker.finish(), out);
   s.rules.reset();
   s.pending_end = StopReason::kNone;
-  used_[static_cast<size_t>(slot)] = 0;
   free_slots_.push(slot);
 }
 
 // ---- the step -------------------------------------------------------------------
 
-void Scheduler::admit_one(QueuedRequest request, std::vector<int32_t>* next_rows, StepPlanData* plan) {
-  const int32_t slot = free_slots_.top();
-  free_slots_.pop();
-  used_[static_cast<size_t>(slot)] = 1;
+namespace {
+
+// Room for one more element, growing geometrically (reserve(size + 1) would reallocate every time).
+template <typename T>
+void reserve_one(std::vector<T>* v) {
+  if (v->size() == v->capacity()) v->reserve(std::max<size_t>(16, v->capacity() * 2));
+}
+
+}  // namespace
+
+void Scheduler::fail_admission(uint64_t seq, StepPlanData* plan) {
+  reserve_one(&plan->finished);  // if even this fails, the request stays queued (see admit())
+  end_queued(queue_.take(seq), StopReason::kOutOfMemory, &plan->finished);
+}
+
+// Moves the queued request `seq` into the lowest free slot. Everything that
+// allocates happens first, before any state changes: if it fails, the request
+// ends with OUT_OF_MEMORY (into plan->finished), the slot stays free, and
+// false is returned. Never loses the request.
+bool Scheduler::admit_one(uint64_t seq, std::vector<int32_t>* next_rows, StepPlanData* plan) {
+  const bool fresh = free_slots_.empty();
+  const int32_t slot = fresh ? static_cast<int32_t>(slots_.size()) : free_slots_.top();
+  {
+    const QueuedRequest& queued = queue_.get(seq);
+    try {
+      if (fail_admissions_ > 0) {
+        --fail_admissions_;
+        throw std::bad_alloc();
+      }
+      if (fresh) slots_.emplace_back();
+      slots_[static_cast<size_t>(slot)].tracker.start(queued.rules.get(), queued.max_new_tokens);
+      if (queued.group >= 0) reserve_one(&groups_[static_cast<size_t>(queued.group)].members);
+      reserve_one(next_rows);
+      reserve_one(&plan->admitted);
+    } catch (const std::bad_alloc&) {
+      if (fresh && slots_.size() > static_cast<size_t>(slot)) slots_.pop_back();
+      fail_admission(seq, plan);
+      return false;
+    } catch (const std::length_error&) {
+      if (fresh && slots_.size() > static_cast<size_t>(slot)) slots_.pop_back();
+      fail_admission(seq, plan);
+      return false;
+    }
+  }
+  // Nothing below allocates.
+  QueuedRequest request = queue_.take(seq);
+  if (!fresh) free_slots_.pop();
   Sequence& s = slots_[static_cast<size_t>(slot)];
   s.request_id = request.request_id;
   s.group = request.group;
   s.max_new_tokens = request.max_new_tokens;
   s.pending_end = StopReason::kNone;
   s.rules = std::move(request.rules);
-  s.tracker.start(s.rules.get(), request.max_new_tokens);
-  requests_[request.request_id] = Location{slot, request.seq};
+  requests_.find(request.request_id)->second = Location{slot, request.seq};
   if (request.group >= 0) {
     Group& group = groups_[static_cast<size_t>(request.group)];
     --group.queued;
@@ -272,29 +356,35 @@ void Scheduler::admit_one(QueuedRequest request, std::vector<int32_t>* next_rows
   next_rows->push_back(slot);
   const int64_t where = options_.layout == Layout::kCompact ? static_cast<int64_t>(next_rows->size()) - 1 : slot;
   plan->admitted.emplace_back(request.request_id, where);
+  return true;
 }
 
 void Scheduler::admit(std::vector<int32_t>* next_rows, StepPlanData* plan) {
-  int64_t free_rows = static_cast<int64_t>(free_slots_.size());
+  int64_t free_rows = options_.capacity - static_cast<int64_t>(next_rows->size());  // next_rows: the kept rows
   uint64_t seq = 0;
-  while (free_rows > 0 && queue_.best(step_count_, blocked_, &seq)) {
-    const int32_t g = queue_.get(seq).group;
-    if (g < 0 || !options_.group_atomic) {
-      admit_one(queue_.take(seq), next_rows, plan);
-      --free_rows;
-      continue;
+  // Memory that runs out outside a request's own state (admit_one handles
+  // that) stops admission for this step; the requests still queued stay
+  // queued, and the rows admitted so far stand.
+  try {
+    while (free_rows > 0 && queue_.best(step_count_, blocked_, &seq)) {
+      const int32_t g = queue_.get(seq).group;
+      if (g < 0 || !options_.group_atomic) {
+        if (admit_one(seq, next_rows, plan)) --free_rows;
+        continue;
+      }
+      // All or nothing: the group's wave (all its queued members without
+      // waves), at most a full batch. If it does not fit, admission waits for
+      // rows to free rather than let later requests starve the group.
+      const Group& group = groups_[static_cast<size_t>(g)];
+      int64_t unit = group.queued;
+      if (options_.wave_size > 0) unit = std::min(unit, options_.wave_size - group.wave_count);
+      unit = std::min(unit, options_.capacity);
+      if (unit > free_rows) break;
+      for (uint64_t member : queue_.group_members(g, static_cast<size_t>(unit)))
+        if (admit_one(member, next_rows, plan)) --free_rows;
     }
-    // All or nothing: the group's wave (all its queued members without
-    // waves), at most a full batch. If it does not fit, admission waits for
-    // rows to free rather than let later requests starve the group.
-    const Group& group = groups_[static_cast<size_t>(g)];
-    int64_t unit = group.queued;
-    if (options_.wave_size > 0) unit = std::min(unit, options_.wave_size - group.wave_count);
-    unit = std::min(unit, options_.capacity);
-    if (unit > free_rows) break;
-    for (uint64_t member : queue_.group_members(g, static_cast<size_t>(unit)))
-      admit_one(queue_.take(member), next_rows, plan);
-    free_rows -= unit;
+  } catch (const std::bad_alloc&) {
+    // stop admitting for this step
   }
 }
 
@@ -310,16 +400,19 @@ void Scheduler::step(const StepInput& in, StepPlanData* plan) {
   plan->admitted.clear();
   plan->admitted.reserve(16);
   settle_dirty_groups(&plan->finished);
+  release_groups();
 
   const bool compact = options_.layout == Layout::kCompact;
-  // Outputs are written through raw pointers into vectors sized for a full
-  // batch, then trimmed: no capacity checks in the row loop.
-  const size_t capacity = static_cast<size_t>(options_.capacity);
+  // Outputs of the row loop are written through raw pointers into vectors
+  // sized for the current batch (at most every row is kept), then trimmed: no
+  // capacity checks in the row loop. Admissions append. Nothing here is
+  // sized by the capacity: a step costs O(rows + admissions + ends).
+  const size_t rows = rows_.size();
   std::vector<int32_t>& next_rows = next_rows_;
-  next_rows.resize(capacity);
-  plan->keep.resize(rows_.size());
-  plan->request_ids.resize(capacity);
-  plan->positions.resize(capacity);
+  next_rows.resize(rows);
+  plan->keep.resize(rows);
+  plan->request_ids.resize(rows);
+  plan->positions.resize(rows);
   int32_t* next_row = next_rows.data();
   int64_t* keep = plan->keep.data();
   int64_t* request_id = plan->request_ids.data();
@@ -380,10 +473,11 @@ void Scheduler::step(const StepInput& in, StepPlanData* plan) {
     }
   }
   rows_.swap(next_rows);
+  plan->capacity = options_.capacity;
   if (compact) {
-    plan->active.clear();
+    plan->active_slots.clear();
   } else {
-    plan->active = used_;
+    plan->active_slots.assign(rows_.begin(), rows_.end());  // slot order
   }
 }
 
@@ -391,6 +485,7 @@ SchedulerStats Scheduler::stats() const {
   SchedulerStats out = stats_;
   out.active = batch_size();
   out.queued = static_cast<int64_t>(queue_.size());
+  out.groups = static_cast<int64_t>(group_indices_.size());
   return out;
 }
 

@@ -1,5 +1,5 @@
 // The fused CPU stop-signal kernel: one pass over each row of logits gives the
-// next token and the stop signals of ../shared/DESIGN.md. Plain C++17: no
+// next token and the stop signals of docs/signals.md. Plain C++17: no
 // pybind11, no torch. The caller owns every buffer.
 #pragma once
 

@@ -8,7 +8,8 @@
 //   1. max, NaN/+inf detection, and "does any logit beat the top-k threshold"
 //      (the rare hits go through a scalar insertion into the sorted list);
 //   2. online sum of exp(x - max) and of exp(x - max) * (x - max) (entropy);
-//   3. when sampling, the Gumbel race argmax_j x_j / T + g_j, Philox bits
+//   3. when sampling, the Gumbel race argmax_j x_j / T + g_j (scaled so it
+//      cannot overflow: score_scales below), Philox bits
 //      generated 64 columns at a time (philox.h documents the mapping), the
 //      logs skipped where a cheap bound shows no column can win.
 #ifndef HALTWISE_ISA_NS
@@ -59,7 +60,8 @@ struct Elem<DType::kFloat16> {
   HW_INLINE float scalar(T x) { return half_to_float(x); }
 };
 
-// Upper bounds of a Gumbel score fl(x + g(bits)) for x <= xmax, used only to
+// Upper bounds of a Gumbel score fl(x + g(bits) * noise_scale) for x <= xmax
+// (gmax: the bound of g, times noise_scale), used only to
 // skip work that cannot change the race (so they may be loose, never low).
 // g(u) = -log(-log u) <= -log(1 - u), and 1 - u = (m + 0.5) / 2^24 with
 // m = ~bits >> 8, so g <= (24 - floor(log2 m)) * ln 2 (m = 0: 25 * ln 2).
@@ -75,6 +77,22 @@ HW_INLINE float gumbel_bound(uint32_t bits) {
   return float(24 - floor_log2) * 0.693147181f;
 }
 constexpr float kGumbelMax = 17.3286795f;  // g at the largest uniform, 1 - 2^-25
+
+// The race scores x * x_scale + g * noise_scale, the same order as x / T + g
+// but never overflowing float32: x_scale = inv_t and noise_scale = 1 when
+// inv_t <= 1; otherwise noise_scale = 2^-e, the power of two that brings
+// x_scale = inv_t * noise_scale into [0.5, 1). The distribution and why:
+// score_scales in python/haltwise/signals_types.py (every backend alike).
+struct ScoreScales {
+  float x, noise;
+};
+HW_INLINE ScoreScales score_scales(float inv_t) {
+  if (!(inv_t > 1.0f)) return {inv_t, 1.0f};
+  int exponent = 0;
+  std::frexp(inv_t, &exponent);  // inv_t = m * 2^exponent, m in [0.5, 1)
+  const float noise = std::ldexp(1.0f, -exponent);
+  return {inv_t * noise, noise};  // both exact
+}
 
 // The slow path for a segment holding NaN or +inf: its outputs will be
 // placeholders, only the status bits matter.
@@ -99,7 +117,8 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
 
   // Gumbel race state, lane-wise; reduced after the last chunk.
   const bool sample = a.sample;
-  const vf inv_t = splat(a.inv_temperature);
+  const ScoreScales scales = score_scales(a.inv_temperature);
+  const vf x_scale = splat(scales.x), noise_scale = splat(scales.noise);
   vf best = splat(kNegInf);
   vi best_col = splat_i(0);
   float best_all = kNegInf;  // max over the lanes of best
@@ -213,24 +232,24 @@ void segment(const SignalsArgs& a, int64_t row, int64_t begin, int64_t end, int 
         vf xm = splat(kNegInf);
         for (int h = 0; h < kCalls; ++h)
           for (int w = 0; w < 4; ++w) {
-            scaled[h][w] = E::load(src + i + 16 * w + h * kLanes) * inv_t;
+            scaled[h][w] = E::load(src + i + 16 * w + h * kLanes) * x_scale;
             xm = max(xm, scaled[h][w]);
           }
         // Skip work when no column of the group can win: first without the
         // bits (peaked distributions), then with their max (g increases with
         // the bits), before the two logs per column.
         const float xmax = hmax(xm);
-        if (score_bound(xmax, kGumbelMax) <= best_all) continue;
+        if (score_bound(xmax, kGumbelMax * scales.noise) <= best_all) continue;
         vu bm = vu{};
         for (int h = 0; h < kCalls; ++h) {
           const vu counter = __builtin_convertvector(lane, vu) + uint32_t((col >> 6) * 16 + h * kLanes);
           philox(counter, off_lo, off_hi, salt, keys, words[h]);
           for (int w = 0; w < 4; ++w) bm = max(bm, words[h][w]);
         }
-        if (score_bound(xmax, gumbel_bound(hmax(bm))) <= best_all) continue;
+        if (score_bound(xmax, gumbel_bound(hmax(bm)) * scales.noise) <= best_all) continue;
         for (int h = 0; h < kCalls; ++h)
           for (int w = 0; w < 4; ++w) {
-            const vf score = scaled[h][w] + gumbel(words[h][w]);
+            const vf score = scaled[h][w] + gumbel(words[h][w]) * noise_scale;  // no FMA: -ffp-contract=off
             const vi better = score > best;
             best = better ? score : best;
             best_col = better ? lane + int32_t(col + 16 * w + h * kLanes) : best_col;

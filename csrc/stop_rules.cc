@@ -33,6 +33,7 @@ const char* stop_reason_name(StopReason reason) {
     case StopReason::kGroupConsensus: return "GROUP_CONSENSUS";
     case StopReason::kInvalidLogits: return "INVALID_LOGITS";
     case StopReason::kCancelled: return "CANCELLED";
+    case StopReason::kOutOfMemory: return "OUT_OF_MEMORY";
   }
   return "UNKNOWN";
 }
@@ -54,8 +55,9 @@ StopRules::StopRules(StopConfig config) : config_(std::move(config)) {
   if (config_.min_new_tokens < 0)
     throw std::invalid_argument("StopConfig: min_new_tokens must be >= 0, got " +
                                 std::to_string(config_.min_new_tokens));
-  if (config_.window < 1)
-    throw std::invalid_argument("StopConfig: window must be >= 1, got " + std::to_string(config_.window));
+  if (config_.window < 1 || config_.window > kMaxWindow)
+    throw std::invalid_argument("StopConfig: window must be in [1, " + std::to_string(kMaxWindow) + "], got " +
+                                std::to_string(config_.window));
   if (config_.confident_steps < 0)
     throw std::invalid_argument("StopConfig: confident_steps must be >= 0, got " +
                                 std::to_string(config_.confident_steps));

@@ -27,8 +27,16 @@ enum class StopReason : int8_t {
   kGroupConsensus = 6,
   kInvalidLogits = 7,
   kCancelled = 8,
+  kOutOfMemory = 9,  // its state could not be allocated when it was admitted
 };
-constexpr int kNumStopReasons = 9;  // including kNone
+constexpr int kNumStopReasons = 10;  // including kNone
+
+// Bounds that keep a sequence's memory bounded: at admission it allocates
+// min(window, max_new_tokens) floats for its window and grows with the tokens
+// it generates. Requests beyond them are refused at submit (ValueError naming
+// the argument). Python: haltwise.scheduler.MAX_NEW_TOKENS / MAX_WINDOW.
+constexpr int64_t kMaxNewTokens = int64_t{1} << 24;  // 16,777,216 tokens: far past any context length
+constexpr int64_t kMaxWindow = int64_t{1} << 16;     // 65,536 tokens: a 256 KiB window per sequence at most
 const char* stop_reason_name(StopReason reason);  // "EOS", ...; "NONE" for kNone
 
 // The signal whose sliding-window mean LOW_CONFIDENCE watches. Every one is
@@ -90,7 +98,7 @@ class StopRules {
   friend class StopTracker;
 };
 
-// The decode-step outputs of one row (DESIGN.md, "Stop signals").
+// The decode-step outputs of one row (docs/signals.md).
 struct TokenSignals {
   float logprob;
   float entropy;

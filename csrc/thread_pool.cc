@@ -1,6 +1,6 @@
 #include "thread_pool.h"
 
-#include <unistd.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -80,9 +80,31 @@ class Pool {
   bool stop_ = false;
 };
 
-std::mutex g_pool_mutex;  // held for a whole job: jobs from several threads serialise
-std::unique_ptr<Pool> g_pool;
-pid_t g_pool_pid = 0;
+// The process's pool and the mutex that serialises jobs (held for a whole job).
+// A forked child inherits both as they were at the fork: the mutex possibly
+// locked by a thread that does not exist in the child, the workers gone. So
+// the child never touches them: an atfork handler (which runs in the child,
+// single-threaded, before fork() returns) abandons the inherited state and
+// installs a fresh one, with an unlocked mutex and no pool yet. The abandoned
+// state is leaked on purpose: destroying a locked mutex, or joining threads
+// that do not exist, is undefined.
+struct PoolState {
+  std::mutex mutex;
+  std::unique_ptr<Pool> pool;
+};
+PoolState* g_state = nullptr;  // never freed (see above); replaced only in a forked child
+
+void start_fresh_in_child() { g_state = new PoolState; }
+
+PoolState& pool_state() {
+  static PoolState* const first = [] {
+    g_state = new PoolState;
+    pthread_atfork(nullptr, nullptr, start_fresh_in_child);
+    return g_state;
+  }();
+  (void)first;
+  return *g_state;
+}
 
 }  // namespace
 
@@ -94,16 +116,13 @@ void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
-  std::lock_guard<std::mutex> lock(g_pool_mutex);
-  if (g_pool && g_pool_pid != getpid()) {
-    (void)g_pool.release();  // forked child: the parent's threads are gone; leak, never join
+  PoolState& state = pool_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (!state.pool || state.pool->workers() < helpers) {
+    state.pool.reset();
+    state.pool = std::make_unique<Pool>(helpers);
   }
-  if (!g_pool || g_pool->workers() < helpers) {
-    g_pool.reset();
-    g_pool = std::make_unique<Pool>(helpers);
-    g_pool_pid = getpid();
-  }
-  g_pool->run(n, helpers, fn);
+  state.pool->run(n, helpers, fn);
 }
 
 }  // namespace haltwise

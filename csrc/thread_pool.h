@@ -16,7 +16,9 @@ namespace haltwise {
 // Runs fn(i) for every i in [0, n) on up to `threads` threads (the calling
 // thread is one of them) and returns when all are done. threads <= 1 or
 // n <= 1 runs inline. Safe to call from several threads (jobs serialise) and
-// after fork() (the child starts a fresh pool).
+// in a forked child, even one forked while another thread was inside
+// parallel_for: the child starts a fresh pool and never touches the one (and
+// the possibly locked mutex) it inherited.
 void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn);
 
 // Threads the machine offers (std::thread::hardware_concurrency, at least 1).

@@ -1,6 +1,7 @@
 """Triton kernels of the fused stop signals (``haltwise.signals``, backend
 "triton"); the launcher is python/haltwise/signals_triton.py and the contract
-is ../shared/DESIGN.md plus csrc/philox.h for the sampling noise.
+is docs/signals.md, with docs/sampling.md and csrc/philox.h for the sampling
+noise.
 
 One pass per row segment keeps, per tile of BLOCK columns:
   - the max of the finite logits and its first column (greedy token),
@@ -10,7 +11,9 @@ One pass per row segment keeps, per tile of BLOCK columns:
     slots (the next power of two): a tile whose max does not beat the list's
     minimum costs nothing more; otherwise its values above the minimum are
     moved in one at a time, one int64 reduction each (_top_insert),
-  - the Gumbel race argmax x / T + g when sampling,
+  - the Gumbel race argmax x * x_scale + g * noise_scale when sampling (the
+    order of x / T + g, never overflowing: score_scales in
+    python/haltwise/signals_types.py),
   - NaN / +inf flags, looked for only in tiles whose sum of exp comes out
     non-finite (those entries are then treated as -inf, so the math of a bad
     row stays finite; its outputs become placeholders).
@@ -138,10 +141,12 @@ def _finalize_row(
     margin = confidence - tl.exp(second - m) / s
     finite = top > _NEG_INF
     n_top = tl.sum(finite.to(tl.int32))
-    mean_shifted = tl.sum(tl.where(finite, top - m, 0.0)) / tl.maximum(n_top, 1).to(tl.float32)
+    # float64: top - m can leave float32's range (logits ~ +-3e38) while the mean does not
+    shifted = tl.where(finite, top.to(tl.float64) - m.to(tl.float64), 0.0)
+    mean_shifted = tl.sum(shifted) / tl.maximum(n_top, 1).to(tl.float64)
     # top_k_conf == 1 keeps 2 logits (for the margin) but averages only the largest
     mean_shifted = tl.where(top_k_conf == 1, 0.0, mean_shifted)
-    topk_conf = tl.where(top_k_conf > 0, log_s - mean_shifted, 0.0)
+    topk_conf = tl.where(top_k_conf > 0, log_s.to(tl.float64) - mean_shifted, 0.0).to(tl.float32)
     tl.store(token_ptr + row, token.to(tl.int64))
     tl.store(logprob_ptr + row, tl.where(ok, logprob, 0.0))
     tl.store(entropy_ptr + row, tl.where(ok, entropy, 0.0))
@@ -156,7 +161,7 @@ def _signals_segment_kernel(
     logits_ptr, logits_row_stride, seed_ptr, offset_ptr,
     token_ptr, logprob_ptr, entropy_ptr, confidence_ptr, margin_ptr, topk_conf_ptr, status_ptr,
     part_f_ptr, part_i_ptr, part_top_ptr,
-    vocab, seg_len, inv_t, top_k_conf, keep, log_vocab,
+    vocab, seg_len, x_scale, noise_scale, top_k_conf, keep, log_vocab,
     SAMPLE: tl.constexpr, SALTED: tl.constexpr, FINALIZE: tl.constexpr,
     BLOCK: tl.constexpr, KP: tl.constexpr,
 ):
@@ -193,7 +198,10 @@ def _signals_segment_kernel(
     flags = seg * 0
     top = _top_empty(keep, KP)
     thr = _NEG_INF  # the list's minimum: a logit must beat it to enter
-    for start in range(begin, end, BLOCK):
+    # a while loop, not range(begin, end, BLOCK): Triton 3.6's interpreter, with
+    # NumPy 2, cannot take a runtime value as a range bound (compiled, both are loops)
+    start = begin
+    while start < end:
         cols = start + offs
         raw = tl.load(row_ptr + cols, mask=cols < end, other=_NEG_INF).to(tl.float32)
         x = tl.where(raw < _POS_INF, raw, _NEG_INF)  # NaN, +inf leave the math; the row gets flagged
@@ -210,8 +218,11 @@ def _signals_segment_kernel(
             flags |= tl.max((raw != raw).to(tl.int32)) | (tl.max((raw == _POS_INF).to(tl.int32)) * 2)
             e = tl.exp(x - base)
             tile_s = tl.sum(e)
-        tile_t = tl.sum(e * tl.where(x > _NEG_INF, x - base, 0.0))  # never 0 * -inf
-        shift = tl.where(m > _NEG_INF, base - m, 0.0)
+        # never 0 * -inf: x - base is -inf for masked x, and for finite x when
+        # it leaves float32's range (logits ~ +-3e38); e is 0 there
+        tile_t = tl.sum(e * tl.where(e > 0.0, x - base, 0.0))
+        # capped: exp(-shift) is 0 in float32 from ~104 on, and base - m may overflow
+        shift = tl.minimum(tl.where(m > _NEG_INF, base - m, 0.0), 200.0)
         rescale = tl.exp(-shift)
         t = rescale * (t - shift * s) + tile_t
         s = rescale * s + tile_s
@@ -219,11 +230,12 @@ def _signals_segment_kernel(
         if tile_max > thr:  # the threshold test: most tiles stop here
             top, thr = _top_insert(top, x, cols, keep)
         if SAMPLE:
-            score = x * inv_t + _gumbel_tile(start, seed, off_lo, off_hi, salt, BLOCK)
+            score = x * x_scale + _gumbel_tile(start, seed, off_lo, off_hi, salt, BLOCK) * noise_scale
             tile_best = tl.max(score)
             if tile_best > best:
                 best = tile_best
                 best_idx = tl.min(tl.where(score == tile_best, cols, vocab))
+        start += BLOCK
 
     top = _top_values(top, keep, KP)
     if FINALIZE:
@@ -270,7 +282,7 @@ def _signals_merge_kernel(
     m = tl.max(pm)
     base = tl.where(m > _NEG_INF, m, 0.0)
     has = pm > _NEG_INF  # segments with a finite logit; the others hold s = t = 0
-    shift = tl.where(has, base - pm, 0.0)
+    shift = tl.minimum(tl.where(has, base - pm, 0.0), 200.0)  # capped as in _signals_segment_kernel
     rescale = tl.where(has, tl.exp(-shift), 0.0)
     s = tl.sum(rescale * ps)
     t = tl.sum(rescale * (pt - shift * ps))

@@ -1,10 +1,12 @@
 """Float64 reference of the stop signals, written from the definitions in
-DESIGN.md with numpy (independent of every backend, including the torch one).
+docs/signals.md with numpy (independent of every backend, including the torch one).
 
 The sampling noise is defined in float32 by the contract (csrc/philox.h), so
 the reference draws it the same way, with its own Philox, and scores in float64.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -64,3 +66,57 @@ def reference_row(x: np.ndarray, *, temperature: float, top_k_conf: int, seed=0,
     token = int(np.argmax(scores))  # lowest index on ties
     out.update(token=token, logprob=x[token] - lse, scores=scores)
     return out
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def as_float32(value: float) -> float:
+    """What a float32 output holds for the float64 reference value: itself
+    (to float32 rounding, left to the caller's tolerance), or +-inf beyond
+    float32's range (e.g. topk_conf of a row spanning -3e38 .. 3e38)."""
+    value = float(value)
+    if abs(value) > FLOAT32_MAX * (1 + 2.0**-24):  # rounds to +-inf
+        return math.copysign(math.inf, value)
+    return value
+
+
+def huge_logits(gen, batch: int, vocab: int):
+    """float32 [batch, vocab] rows whose x / T overflows float32 for T <= 0.5,
+    each with its own pattern: all in [1e38, 3.4e38], all in [-3.4e38, -1e38]
+    (x / T -> -inf for the row's largest logit too), both signs (x - max
+    overflows as well), and logits in [-5, 5] beside -3.3e38 in 30% of the
+    columns (a real race among the moderate ones). Random magnitudes: the
+    largest logit is unique (almost surely) and never at a fixed column."""
+    import torch
+
+    u = torch.rand(batch, vocab, generator=gen, dtype=torch.float64)
+    x = torch.empty(batch, vocab, dtype=torch.float64)
+    for r in range(batch):
+        kind = r % 4
+        if kind == 0:
+            x[r] = 1e38 + u[r] * 2.4e38
+        elif kind == 1:
+            x[r] = -(1e38 + u[r] * 2.4e38)
+        elif kind == 2:
+            x[r] = (u[r] * 2 - 1) * 3.4e38
+        else:
+            x[r] = u[r] * 10 - 5
+            x[r, torch.rand(vocab, generator=gen) < 0.3] = -3.3e38
+    return x.float()
+
+
+def check_huge_rows(out, x, *, temperature, top_k_conf, seeds, offsets, salted):
+    """Rows of huge_logits against the float64 reference: the token exactly
+    (the scores' gaps dwarf float32 rounding), each signal to float32 rounding
+    of the reference value, +-inf where that leaves float32's range."""
+    x64 = x.double().numpy()
+    for r in range(len(x64)):
+        ref = reference_row(x64[r], temperature=temperature, top_k_conf=top_k_conf, seed=seeds[r],
+                            offset=offsets[r], salt=r if salted else 0)
+        assert out.status[r].item() == 0, f"row {r}: status {out.status[r].item()}"
+        assert out.token[r].item() == ref["token"], f"row {r}, T={temperature}: token {out.token[r].item()}, " \
+            f"reference {ref['token']} (the row's largest logit is at {int(np.argmax(x64[r]))})"
+        for field in ("logprob", "entropy", "confidence", "margin", "topk_conf"):
+            got, want = getattr(out, field)[r].item(), as_float32(ref[field])
+            assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-5), f"row {r} {field}: {got} vs {want}"

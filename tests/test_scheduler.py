@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import doctest
 import math
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -577,9 +580,9 @@ def test_stats(make):
     sched.step(EMPTY, None)
     step(sched, [0, 1], topk_conf=[1.0, 0.25])  # 0: EOS; 1: LOW_CONFIDENCE after 1 token (saves 3)
     stats = sched.stats()
-    assert stats == dict(submitted=3, active=1, queued=0, tokens_generated=2, tokens_saved_estimate=3,
+    assert stats == dict(submitted=3, active=1, queued=0, tokens_generated=2, tokens_saved_estimate=3, groups=0,
                          finished=dict(EOS=1, MAX_TOKENS=0, STOP_SEQUENCE=0, LOW_CONFIDENCE=1, CONFIDENT=0,
-                                       GROUP_CONSENSUS=0, INVALID_LOGITS=0, CANCELLED=0))
+                                       GROUP_CONSENSUS=0, INVALID_LOGITS=0, CANCELLED=0, OUT_OF_MEMORY=0))
 
 
 # ---- bad input ------------------------------------------------------------------------------------
@@ -757,6 +760,207 @@ def test_every_request_ends_exactly_once(make):
     assert sorted(ended) == sorted(submitted) and len(set(ended)) == len(ended)
     stats = sched.stats()
     assert sum(stats["finished"].values()) == stats["submitted"] == len(submitted)
+
+
+# ---- group lifetime ----------------------------------------------------------------------------
+
+
+def test_group_is_released_the_step_after_its_last_end_is_reported(make):
+    sched = make(2, consensus_fraction=0.5, consensus_min_votes=1)
+    sched.submit(0, max_new_tokens=1, group=9)
+    sched.submit(1, max_new_tokens=2, group=9)
+    sched.step(EMPTY, None)
+    plan = step(sched, [5, 5])
+    assert [f.request_id for f in plan.finished] == [0]
+    sched.report_answer(0, 3)
+    plan = step(sched, [5])  # the vote settles the group (fraction 1 >= 0.5): 1 ends at this row
+    assert [(f.request_id, f.reason, f.group) for f in plan.finished] == [(1, StopReason.GROUP_CONSENSUS, 9)]
+    assert sched.stats()["groups"] == 1
+    # Between the plan that reports the last end and the next step: answers and votes still work.
+    sched.report_answer(1, 3, 0.5)
+    assert sched.vote(9) == {3: 1.5} and sched.leader(9) == 3
+    sched.step(EMPTY, None)
+    assert sched.stats()["groups"] == 0
+    assert sched.vote(9) == {} and sched.leader(9) is None and sched.settle_group(9) == 0
+    with pytest.raises(ValueError, match="report_answer: request 0 is not a finished member"):
+        sched.report_answer(0, 3)
+    # The id starts a new group (it is not settled any more).
+    sched.submit(2, max_new_tokens=1, group=9)
+    assert sched.step(EMPTY, None).admitted == [(2, 0)]
+
+
+def test_group_ended_while_queued_is_released_after_its_plan(make):
+    sched = make(1)
+    sched.submit(0, max_new_tokens=1, group=4)
+    sched.cancel(0)  # ended between steps: reported by the next plan
+    plan = sched.step(EMPTY, None)
+    assert [(f.request_id, f.reason) for f in plan.finished] == [(0, StopReason.CANCELLED)]
+    assert sched.stats()["groups"] == 1  # the caller has not seen that plan before this step
+    sched.report_answer(0, 1)
+    assert sched.vote(4) == {1: 1.0}
+    sched.step(EMPTY, None)
+    assert sched.stats()["groups"] == 0
+
+
+def test_groups_do_not_accumulate(make):
+    """A long run of short-lived groups (one per request, answers never reported,
+    as the Stepper makes them for a policy): the scheduler holds only the live ones."""
+    sched = make(8)
+    held = []
+    for t in range(400):
+        for k in range(2):
+            sched.submit(t * 2 + k, max_new_tokens=3, group=t)
+        step(sched, [7] * sched.batch_size)
+        held.append(sched.stats()["groups"])
+    assert max(held) <= 8 and sched.stats()["submitted"] == 800
+    for _ in range(6):
+        step(sched, [7] * sched.batch_size)
+    assert sched.stats()["groups"] == 0 and sched.batch_size == 0
+
+
+# ---- what cannot be served, and admissions that fail ------------------------------------------
+
+
+def test_requests_beyond_the_limits_are_refused_at_submit(make):
+    from haltwise.scheduler import MAX_NEW_TOKENS, MAX_WINDOW
+
+    sched = make(1)
+    with pytest.raises(ValueError, match=rf"submit: max_new_tokens must be in \[1, {MAX_NEW_TOKENS}\], got {2**62}"):
+        sched.submit(1, max_new_tokens=2**62)
+    with pytest.raises(ValueError, match=rf"StopConfig: window must be in \[1, {MAX_WINDOW}\], got {2**62}"):
+        StopConfig(window=2**62)
+    assert sched.stats()["submitted"] == 0
+    # The limits themselves are served.
+    sched.submit(1, max_new_tokens=MAX_NEW_TOKENS, stop=StopConfig(window=MAX_WINDOW, low_conf_threshold=0.5))
+    assert sched.step(EMPTY, None).admitted == [(1, 0)]
+    assert step(sched, [3], topk_conf=0.25).finished[0].reason == StopReason.LOW_CONFIDENCE
+
+
+def test_native_limits_match_python():
+    from haltwise._native import core
+    from haltwise.scheduler import MAX_NEW_TOKENS, MAX_WINDOW
+
+    assert (core().MAX_NEW_TOKENS, core().MAX_WINDOW) == (MAX_NEW_TOKENS, MAX_WINDOW)
+    native = core().Scheduler(capacity=1, layout="compact", max_queue=4, aging_steps=0, wave_size=0,
+                              group_atomic=False, consensus_fraction=None, consensus_min_votes=1)
+    rules = haltwise.scheduler._native_rules(StopConfig())
+    with pytest.raises(ValueError, match=rf"max_new_tokens must be in \[1, {MAX_NEW_TOKENS}\], got {2**62}"):
+        native.submit(1, 2**62, 0, None, rules)
+    assert native.stats()["submitted"] == 0
+
+
+# The reported sequence, bypassing nothing: an unservable request, a step, stats, cancel. It must neither
+# crash the interpreter nor lose the request: refused at submit, or accepted and ended with a reason.
+UNSERVABLE = textwrap.dedent(
+    """
+    import numpy as np
+    from haltwise import Scheduler, StopConfig
+
+    s = Scheduler(1)
+    accepted = False
+    try:
+        s.submit(1, max_new_tokens=2**62, stop=StopConfig(window=2**62))
+        accepted = True
+    except ValueError as err:
+        print("refused:", err)
+    try:
+        s.step(np.empty(0, np.int64), None)
+    except Exception as err:
+        print("step raised:", type(err).__name__, err)
+    stats = s.stats()
+    ended = sum(stats["finished"].values())
+    assert stats["submitted"] == int(accepted), stats
+    assert stats["active"] + stats["queued"] + ended == stats["submitted"], ("a request was lost", stats)
+    s.cancel(1)
+    s.submit(2, max_new_tokens=1)  # its row is free
+    assert s.step(np.empty(s.batch_size, np.int64), None if s.batch_size == 0 else 0) is not None
+    print("done")
+    """
+)
+
+
+def test_unservable_request_is_never_lost_and_never_crashes():
+    result = subprocess.run([sys.executable, "-c", UNSERVABLE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "done" in result.stdout, (result.returncode, result.stdout, result.stderr[-3000:])
+    assert "refused: StopConfig: window must be in [1, 65536], got 4611686018427387904" in result.stdout
+
+
+@pytest.mark.parametrize("layout", ["compact", "slots"])
+def test_failed_admission_ends_the_request(make, layout):
+    """An admission whose state cannot be allocated ends that request with
+    OUT_OF_MEMORY in the same plan; its row goes to the next request."""
+    sched = make(2, layout=layout)
+    sched.submit(0, max_new_tokens=3, group=5)
+    sched.submit(1, max_new_tokens=3)
+    sched.submit(2, max_new_tokens=3, group=5)
+    sched._fail_next_admissions(1)
+    plan = sched.step(EMPTY, None)
+    assert [(f.request_id, f.reason, f.group, f.num_tokens) for f in plan.finished] == [
+        (0, StopReason.OUT_OF_MEMORY, 5, 0)]
+    assert plan.admitted == [(1, 0), (2, 1)]
+    stats = sched.stats()
+    assert (stats["submitted"], stats["active"], stats["queued"], stats["finished"]["OUT_OF_MEMORY"]) == (3, 2, 0, 1)
+    assert not sched.cancel(0)  # ended: nothing to cancel
+    sched.report_answer(0, 7)  # a finished group member: its answer counts like any other
+    assert sched.vote(5) == {7: 1.0}
+    sched.submit(0, max_new_tokens=1)  # the id may be used again
+    ended = []
+    for _ in range(5):
+        ended += [(f.request_id, f.reason) for f in step(sched, [4] * sched.batch_size).finished]
+    assert sorted(ended) == [(0, StopReason.MAX_TOKENS), (1, StopReason.MAX_TOKENS), (2, StopReason.MAX_TOKENS)]
+
+
+def test_failed_group_atomic_admission_loses_no_row(make):
+    sched = make(3, group_atomic=True)
+    for i in range(3):
+        sched.submit(i, max_new_tokens=2, group=1)
+    sched.submit(3, max_new_tokens=2)
+    sched._fail_next_admissions(2)
+    plan = sched.step(EMPTY, None)
+    assert [(f.request_id, f.reason) for f in plan.finished] == [(0, StopReason.OUT_OF_MEMORY),
+                                                                 (1, StopReason.OUT_OF_MEMORY)]
+    assert plan.admitted == [(2, 0), (3, 1)]  # the rows the failures did not take go to the next requests
+
+
+# ---- capacity ----------------------------------------------------------------------------------
+
+# The largest capacity, under an address-space limit of 1 GiB more than the interpreter already maps:
+# the scheduler's memory and step must not be sized by the capacity (slots exist as they are first used).
+HUGE_CAPACITY = textwrap.dedent(
+    """
+    import resource
+    import numpy as np
+    import haltwise
+    from haltwise.stepper import HostSignals
+
+    vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    for layout in ("compact", "slots"):
+        s = haltwise.Scheduler(2**31 - 1, layout=layout)
+        for i in range(3):
+            s.submit(i, max_new_tokens=3 + i)
+        plan = s.step(np.zeros(0, np.int64), None)
+        assert [slot for _, slot in plan.admitted] == [0, 1, 2], plan.admitted
+        ended = []
+        for t in range(400):
+            s.submit(100 + t, max_new_tokens=1 + t % 7)
+            n = s.batch_size
+            plan = s.step(np.zeros(n, np.int64), HostSignals.zeros(n))
+            ended += [f.request_id for f in plan.finished]
+            assert len(plan.request_ids) == s.batch_size <= 8
+        assert len(ended) >= 390, len(ended)
+        if layout == "slots":
+            assert plan.request_ids.size == s.batch_size and plan.keep.max() < 16
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or "asan" in __import__("os").environ.get("LD_PRELOAD", ""),
+                    reason="needs /proc and RLIMIT_AS (AddressSanitizer reserves terabytes of address space)")
+def test_step_and_memory_do_not_grow_with_capacity():
+    result = subprocess.run([sys.executable, "-c", HUGE_CAPACITY], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stdout, result.stderr[-3000:])
 
 
 def test_docstring_examples():

@@ -16,7 +16,8 @@ import haltwise
 from haltwise._native import core
 from haltwise.reference import philox4x32_10 as philox_torch
 from haltwise.signals_native import signals_native
-from signals_reference import gumbel, philox4x32_10 as philox_numpy, random_bits, reference_row
+from signals_reference import check_huge_rows, gumbel, huge_logits, random_bits, reference_row
+from signals_reference import philox4x32_10 as philox_numpy
 
 BACKENDS = ["native", "torch"]
 FIELDS = ("logprob", "entropy", "confidence", "margin", "topk_conf")
@@ -164,6 +165,24 @@ def test_large_magnitude_logits(backend):
     logits = random_logits(8, 5000, torch.float32, scale=1e4, seed=3)
     check_against_reference(backend, logits, top_k_conf=20)
     check_against_reference(backend, logits, temperature=2.0, top_k_conf=20, seed=1, offset=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 0.013, 0.0])
+def test_logits_whose_ratio_to_t_overflows(backend, temperature):
+    # x / T beyond float32's range (|x| up to 3.4e38, T < 1): the draw is still
+    # softmax(x / T), so where the largest logit leads by ~1e31 it always wins;
+    # rows mixing signs make x - max overflow too.
+    gen = torch.Generator().manual_seed(int(temperature * 1000) + 71)
+    x = huge_logits(gen, 8, 300)
+    for seed in range(4):
+        seeds = (torch.randint(-2**62, 2**62, (8,), generator=gen), torch.randint(0, 2**40, (8,), generator=gen))
+        out = compute(backend, x, temperature=temperature, top_k_conf=20, seed=seeds[0], offset=seeds[1])
+        check_huge_rows(out, x, temperature=temperature, top_k_conf=20, seeds=seeds[0].tolist(),
+                        offsets=seeds[1].tolist(), salted=False)
+    for seed in range(4):  # the case as first reported: two logits, scalar seed
+        pair = torch.tensor([[2e38, 3e38], [-3e38, -2e38]])
+        assert compute(backend, pair, temperature=temperature, seed=seed).token.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -22,7 +22,7 @@ import triton.language as tl
 import haltwise
 from haltwise import signals_triton as st
 from haltwise.kernels.signals import _gumbel_tile
-from signals_reference import gumbel, random_bits, reference_row
+from signals_reference import check_huge_rows, gumbel, huge_logits, random_bits, reference_row
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FIELDS = ("logprob", "entropy", "confidence", "margin", "topk_conf")
@@ -218,6 +218,31 @@ def test_logits_of_magnitude_1e4(dtype, config):
         check_against_reference(x, out, temperature=temperature, top_k_conf=8, seed=seed, offset=offset)
 
 
+# The interpreter computes with NumPy, which reports every float32 overflow
+# to +-inf (IEEE behaviour, as on the GPU); "invalid value" (a NaN made from
+# infinities) still fails the test.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("temperature", [0.5, 0.013, 0.0])
+@CONFIGS
+def test_logits_whose_ratio_to_t_overflows(temperature, config):
+    # x / T beyond float32's range: the largest logit still wins (it leads by
+    # ~1e31), and every signal matches the float64 reference (rows mixing
+    # signs make x - max overflow, so a tile's rescale and the top-k mean must too)
+    gen = torch.Generator().manual_seed(int(temperature * 1000) + 72)
+    x = huge_logits(gen, 8, 700)
+    seed = torch.randint(-2**62, 2**62, (8,), generator=gen)
+    offset = torch.randint(0, 2**40, (8,), generator=gen)
+    out = run(x, config, temperature=temperature, top_k_conf=20, seed=seed, offset=offset)
+    check_huge_rows(out, x, temperature=temperature, top_k_conf=20, seeds=seed.tolist(), offsets=offset.tolist(),
+                    salted=False)
+    native = haltwise.signals(x, temperature=temperature, top_k_conf=20, seed=seed, offset=offset, backend="native")
+    assert torch.equal(out.token, native.token)
+    pair = torch.tensor([[2e38, 3e38], [-3e38, -2e38]])
+    for s in range(3):  # the case as first reported: two logits, scalar seed
+        got = haltwise.signals(pair.to(DEVICE), temperature=temperature, seed=s, backend="triton").token.cpu()
+        assert got.tolist() == [1, 1]
+
+
 @CONFIGS
 def test_ties_take_the_lowest_index(config):
     x = torch.full((3, 1000), 0.37)  # all equal
@@ -395,3 +420,60 @@ def test_gumbel_noise_matches_the_contract(seed, offset, salt):
     _gumbel_probe_kernel[(1,)](out, start, seed, offset, salt, BLOCK=block, enable_fp_fusion=False)
     expected = gumbel(seed, offset, salt, start + block)[start:]
     np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+# Compiles the kernels for CUDA targets without a GPU (Triton's own frontend,
+# MLIR passes and the ptxas bundled in its wheel), so a construct only the
+# interpreter accepts fails here. Runs in a subprocess: under TRITON_INTERPRET=1
+# the kernel modules hold interpreted functions, which cannot be compiled.
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from haltwise.kernels.signals import _signals_merge_kernel, _signals_segment_kernel
+
+OUT = {"token_ptr": "*i64", "logprob_ptr": "*fp32", "entropy_ptr": "*fp32", "confidence_ptr": "*fp32",
+       "margin_ptr": "*fp32", "topk_conf_ptr": "*fp32", "status_ptr": "*i8",
+       "part_f_ptr": "*fp32", "part_i_ptr": "*i32", "part_top_ptr": "*fp32"}
+arch, dtype, sample, finalize, block, kp = sys.argv[1:]
+sample, finalize = sample == "1", finalize == "1"
+target = GPUTarget("cuda", int(arch), 32)
+sig = {"logits_ptr": "*" + dtype, "logits_row_stride": "i64", "seed_ptr": "*i64", "offset_ptr": "*i64", **OUT,
+       "vocab": "i32", "seg_len": "i32", "x_scale": "fp32", "noise_scale": "fp32", "top_k_conf": "i32", "keep": "i32",
+       "log_vocab": "fp32"}
+const = dict(SAMPLE=sample, SALTED=True, FINALIZE=finalize, BLOCK=int(block), KP=int(kp))
+sig.update({name: "constexpr" for name in const})
+options = dict(num_warps=8 if int(block) > 1024 else 4, enable_fp_fusion=False)
+compiled = [triton.compile(ASTSource(_signals_segment_kernel, sig, const), target=target, options=options)]
+if not finalize:
+    sig = {"logits_ptr": "*" + dtype, "logits_row_stride": "i64", **OUT, "num_segments": "i32", "vocab": "i32",
+           "top_k_conf": "i32", "keep": "i32", "log_vocab": "fp32"}
+    const = dict(SAMPLE=sample, NSEG_P=64, KP=int(kp))
+    sig.update({name: "constexpr" for name in const})
+    compiled.append(triton.compile(ASTSource(_signals_merge_kernel, sig, const), target=target,
+                                   options=dict(num_warps=4, enable_fp_fusion=False)))
+print(" ".join(str(len(k.asm["cubin"])) for k in compiled))
+"""
+
+
+@pytest.mark.parametrize(
+    "arch,dtype,sample,finalize,block,kp",
+    [
+        (90, "fp32", 1, 1, 2048, 32),  # Hopper, sampling, one segment per row
+        (80, "bf16", 0, 0, 4096, 2),  # Ampere, greedy, split rows + the merge kernel
+        (90, "fp16", 1, 0, 1024, 128),  # sampling, split rows, the largest top list
+    ],
+)
+def test_kernels_compile_for_cuda(arch, dtype, sample, finalize, block, kp, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cached kernel would hide a compile error
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(sample), str(finalize),
+                             str(block), str(kp)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"sm_{arch} {dtype}: compile failed:\n{result.stderr[-4000:]}"
+    sizes = [int(n) for n in result.stdout.split()]
+    assert len(sizes) == (1 if finalize else 2) and all(n > 0 for n in sizes), result.stdout

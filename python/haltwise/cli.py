@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ._cli_util import CliError, check_output, check_plot
+
 
 def _write_json(path: str | None, payload) -> None:
     if path:
@@ -18,6 +20,7 @@ def _write_json(path: str | None, payload) -> None:
 def _bench_signals(args) -> int:
     from .benchmarks.signals import bench_signals, format_table
 
+    check_output("--json", args.json)
     rows = bench_signals(repeats=args.repeats)
     print(format_table(rows))
     _write_json(args.json, rows)
@@ -27,6 +30,7 @@ def _bench_signals(args) -> int:
 def _bench_scheduler(args) -> int:
     from .benchmarks.scheduler import bench_scheduler, format_table
 
+    check_output("--json", args.json)
     rows = bench_scheduler(repeats=args.repeats)
     print(format_table(rows))
     _write_json(args.json, rows)
@@ -36,11 +40,15 @@ def _bench_scheduler(args) -> int:
 def _bench_decode(args) -> int:
     import torch
 
-    from .benchmarks.decode import DecodeBenchConfig, bench_decode, format_table, plot
+    from .benchmarks import decode
 
+    # every output is checked before the run, whose results a bad path would lose
+    check_output("--json", args.json)
+    check_output("--bank-out", args.bank_out)
+    check_plot("--plot", args.plot)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = DecodeBenchConfig(problems=args.problems, traces=args.traces, capacity=args.capacity,
+    cfg = decode.DecodeBenchConfig(problems=args.problems, traces=args.traces, capacity=args.capacity,
                             temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens,
                             throughput_problems=args.throughput_problems)
     kwargs = {}
@@ -49,29 +57,33 @@ def _bench_decode(args) -> int:
 
         kwargs = hf_setup(args.model, args.problems_file, cfg)
         cfg = kwargs.pop("cfg")
-    payload = bench_decode(cfg, progress=not args.no_progress, bank_path=args.bank_out, weights=args.weights, **kwargs)
-    print(format_table(payload["runs"]))
+    payload = decode.bench_decode(cfg, progress=not args.no_progress, bank_path=args.bank_out, weights=args.weights,
+                                  **kwargs)
+    _write_json(args.json, payload)  # the results first: nothing optional may lose them
+    print(decode.format_table(payload["runs"]))
     if "throughput" in payload:
         t = payload["throughput"]
         print(f"throughput, {cfg.throughput_problems} problems x {cfg.traces} traces, no cutting: "
               f"haltwise.Stepper {t['haltwise_tokens_per_s']:.0f} tok/s vs plain torch step "
               f"{t['plain_tokens_per_s']:.0f} tok/s ({t['ratio']:.2f}x)")
     if args.plot:
-        plot(args.plot, payload["runs"], payload["sweep"], payload["runs"][0]["tokens"])
+        decode.plot(args.plot, payload["runs"], payload["sweep"], payload["runs"][0]["tokens"])
         print(f"wrote {args.plot}")
-    _write_json(args.json, payload)
     return 0
 
 
 def _record(args) -> int:
     from tqdm import tqdm
 
-    from .benchmarks.decode import DecodeBenchConfig, bank_from_run, bank_problems, bundled_setup
+    from .benchmarks.decode import DecodeBenchConfig, bank_from_run, bank_problems
+    from .benchmarks import decode
     from .decoding.parallel import EarlyStopSettings, ParallelSampler
+
+    check_output("--out", args.out)
 
     cfg = DecodeBenchConfig(problems=args.problems, traces=args.traces, temperature=args.temperature, seed=args.seed,
                             capacity=args.capacity)
-    setup = bundled_setup(cfg, args.weights, problems=bank_problems(args.problems))
+    setup = decode.bundled_setup(cfg, args.weights, problems=bank_problems(args.problems))
     cfg, problems, task = setup["cfg"], setup["problems"], setup["task"]
     sampler = ParallelSampler(setup["runner_factory"], task, capacity=cfg.capacity, temperature=cfg.temperature,
                               seed=cfg.seed)
@@ -134,13 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "handler"):  # subcommands that carry their own handler (policy, replay)
-        return args.handler(args)
-    if args.command == "bench":
+        handler = args.handler
+    elif args.command == "bench":
         handler = {"decode": _bench_decode, "signals": _bench_signals, "scheduler": _bench_scheduler}[args.suite]
+    elif args.command == "record":
+        handler = _record
+    else:
+        return 2
+    try:
         return handler(args)
-    if args.command == "record":
-        return _record(args)
-    return 2
+    except CliError as e:
+        name = args.command if args.command != "policy" else f"policy {args.policy_command}"
+        print(f"haltwise {name}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

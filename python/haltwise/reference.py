@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .signals_types import STATUS_NAN, STATUS_NO_FINITE, STATUS_POSINF, Signals
+from .signals_types import STATUS_NAN, STATUS_NO_FINITE, STATUS_POSINF, Signals, score_scales
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -27,7 +27,10 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32_10(c0, c1, c2, c3, k0, k1):
+def philox4x32_10(
+    c0: int | torch.Tensor, c1: int | torch.Tensor, c2: int | torch.Tensor, c3: int | torch.Tensor,
+    k0: int | torch.Tensor, k1: int | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox 4x32-10 on int64 tensors holding uint32 values (broadcastable).
 
     Returns the four output words as int64 tensors in [0, 2^32).
@@ -54,8 +57,8 @@ def random_bits(seed: torch.Tensor, offset: torch.Tensor, salt: torch.Tensor, vo
     k0, k1 = (seed & _MASK32)[:, None], ((seed >> 32) & _MASK32)[:, None]
     off_lo, off_hi = (offset & _MASK32)[:, None], ((offset >> 32) & _MASK32)[:, None]
     words = philox4x32_10(counter[None, :], off_lo, off_hi, salt[:, None], k0, k1)
-    words = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [batch, vocab, 4]
-    return words.gather(-1, word.expand(len(seed), vocab)[..., None]).squeeze(-1)
+    stacked = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [batch, vocab, 4]
+    return stacked.gather(-1, word.expand(len(seed), vocab)[..., None]).squeeze(-1)
 
 
 def gumbel_noise(seed: torch.Tensor, offset: torch.Tensor, salt: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -100,7 +103,8 @@ def signals_torch(
     entropy = entropy.clamp(0.0, float(torch.log(torch.tensor(float(vocab)))))
 
     n_keep = min(max(top_k_conf, 2), vocab)
-    top = logp.topk(n_keep, dim=-1).values  # [batch, n_keep], descending
+    top_x = x.topk(n_keep, dim=-1).values  # [batch, n_keep], descending
+    top = top_x - lse[:, None]  # log p of the largest; -inf where x - lse overflows (p = 0 all the same)
     confidence = top[:, 0].exp()
     second = top[:, 1].exp() if vocab > 1 else torch.zeros_like(confidence)
     margin = confidence - second
@@ -109,15 +113,18 @@ def signals_torch(
         finite = torch.isfinite(x).sum(-1)  # [batch]
         k = finite.clamp(max=top_k_conf)
         keep = torch.arange(n_keep, device=x.device)[None, :] < k[:, None]
-        topk_conf = -torch.where(keep, top, torch.zeros_like(top)).sum(-1) / k.clamp(min=1)
+        # float64: x - lse can pass float32's range (logits ~ +-3e38) while the mean is representable
+        top64 = top_x.double() - lse.double()[:, None]
+        topk_conf = (-torch.where(keep, top64, torch.zeros_like(top64)).sum(-1) / k.clamp(min=1)).float()
     else:
         topk_conf = torch.zeros_like(confidence)
 
     if temperature == 0.0:
         token = x.argmax(-1)  # lowest index on ties
     else:
-        inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32)  # rounded once, as in every backend
-        token = (x * inv_t + gumbel_noise(seed, offset, salt, vocab)).argmax(-1)
+        # x * x_scale + g * noise_scale: never overflows, same order as x / T + g (score_scales)
+        x_scale, noise_scale = score_scales(temperature)
+        token = (x * x_scale + gumbel_noise(seed, offset, salt, vocab) * noise_scale).argmax(-1)
     logprob = logp.gather(1, token[:, None]).squeeze(1)
 
     zero = torch.zeros_like(confidence)

@@ -60,6 +60,17 @@ Groups and votes
     ends the group's queued members at once and its active members at their
     next row, with GROUP_CONSENSUS; a later submit to a settled group ends at
     once the same way.
+Group lifetime
+    A group is released (its votes and state freed, its id forgotten) at the
+    start of the first step after the plan that reported the end of its last
+    member, if it still has no queued or active member then (checked after
+    the settle rule). Between that plan and the next step the caller may
+    report its members' answers and read ``vote`` / ``leader``; from the next
+    step on the group is unknown: ``report_answer`` of its members raises
+    ValueError, ``vote`` is ``{}``, ``leader`` None, ``settle_group`` 0, and a
+    later submit with its id starts a new group. So a server that makes a
+    group per request holds only the groups of requests in flight
+    (``stats()["groups"]``).
 Accounting
     Every submitted request ends exactly once, with one reason, and appears in
     exactly one plan's ``finished``: the plan of the step that ended it, or
@@ -67,7 +78,12 @@ Accounting
     next plan. Within a plan: first the requests ended between the steps (in
     the order it happened), then the queued members of groups settled at the
     start of the step (by group id, then submission), then the rows that
-    ended (row order).
+    ended (row order), then the requests whose admission failed this step
+    (OUT_OF_MEMORY: their state could not be allocated; in admission order).
+Limits
+    ``max_new_tokens`` <= ``MAX_NEW_TOKENS`` (2**24) and ``StopConfig.window``
+    <= ``MAX_WINDOW`` (2**16), so that what one sequence allocates stays
+    bounded; larger values are refused at submit / StopConfig.
 """
 from __future__ import annotations
 
@@ -77,14 +93,26 @@ import enum
 import functools
 import math
 import operator
-from typing import Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
+import numpy.typing as npt
 
 from ._native import core
 
+if TYPE_CHECKING:
+    from ._core import StopRules as NativeStopRules
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1
+# Bounds that keep the memory of one sequence bounded (the C++ core has the same,
+# kMaxNewTokens / kMaxWindow): an admitted sequence allocates
+# min(window, max_new_tokens) floats for its window, then grows with its
+# tokens (8 bytes each, 28 with record_signals). Requests beyond them are
+# refused at submit / StopConfig with a ValueError naming the argument.
+MAX_NEW_TOKENS = 2**24  # 16,777,216 tokens, far past any context length
+MAX_WINDOW = 2**16  # 65,536 tokens: a window of 256 KiB per sequence at most
 LAYOUTS = ("compact", "slots")
 CONF_SIGNALS = ("topk_conf", "logprob", "confidence", "margin", "neg_entropy")
 RECORDED_SIGNALS = ("topk_conf", "logprob", "entropy", "confidence", "margin")
@@ -101,6 +129,7 @@ class StopReason(enum.IntEnum):
     GROUP_CONSENSUS = 6  # the other traces of the group settled the vote
     INVALID_LOGITS = 7  # status != 0 or a NaN signal
     CANCELLED = 8
+    OUT_OF_MEMORY = 9  # its state could not be allocated at admission; it generated nothing
 
 
 class QueueFull(RuntimeError):
@@ -110,7 +139,7 @@ class QueueFull(RuntimeError):
 # ---- argument checks (shared with scheduler_reference.py) ------------------------
 
 
-def check_int(where: str, name: str, value, lo: int = _INT64_MIN, hi: int = _INT64_MAX) -> int:
+def check_int(where: str, name: str, value: Any, lo: int = _INT64_MIN, hi: int = _INT64_MAX) -> int:
     """``value`` as an int in [lo, hi]; TypeError / ValueError naming it otherwise."""
     if isinstance(value, bool):
         raise TypeError(f"{where}: {name} must be an int, got bool")
@@ -124,7 +153,7 @@ def check_int(where: str, name: str, value, lo: int = _INT64_MIN, hi: int = _INT
     return value
 
 
-def check_float(where: str, name: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
+def check_float(where: str, name: str, value: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
     """``value`` as a finite float in [lo, hi]; TypeError / ValueError naming it otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__}")
@@ -135,7 +164,7 @@ def check_float(where: str, name: str, value, lo: float = -math.inf, hi: float =
     return value
 
 
-def check_bool(where: str, name: str, value) -> bool:
+def check_bool(where: str, name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{where}: {name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -160,14 +189,14 @@ class StopConfig:
     min_new_tokens: int = 0  # no confidence rule fires before this many generated tokens
     low_conf_signal: str = "topk_conf"  # one of CONF_SIGNALS; all oriented: higher = more confident
     low_conf_threshold: Optional[float] = None  # None: LOW_CONFIDENCE off
-    window: int = 16  # W of the sliding-window mean (DeepConf's group confidence)
+    window: int = 16  # W of the sliding-window mean (DeepConf's group confidence); in [1, MAX_WINDOW]
     confident_entropy_below: Optional[float] = None
     confident_margin_above: Optional[float] = None
     confident_steps: int = 0  # CONFIDENT: this many consecutive calm tokens; off when 0 or both bounds None
     shadow: bool = False  # evaluate the confidence rules, record when they would stop, never stop on them
     record_signals: bool = False  # return the per-token signals in Finished.signals
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         where = "StopConfig"
         if isinstance(self.eos_ids, (str, bytes)) or not hasattr(self.eos_ids, "__iter__"):
             raise TypeError(f"{where}: eos_ids must be a sequence of ints, got {type(self.eos_ids).__name__}")
@@ -195,7 +224,7 @@ class StopConfig:
             stop_sequences=tuple(sequences),
             min_new_tokens=check_int(where, "min_new_tokens", self.min_new_tokens, 0),
             low_conf_threshold=optional("low_conf_threshold", -math.inf),
-            window=check_int(where, "window", self.window, 1),
+            window=check_int(where, "window", self.window, 1, MAX_WINDOW),
             confident_entropy_below=optional("confident_entropy_below", 0.0),
             confident_margin_above=optional("confident_margin_above", 0.0),
             confident_steps=check_int(where, "confident_steps", self.confident_steps, 0),
@@ -216,8 +245,8 @@ class StopConfig:
         )
 
 
-def check_scheduler_options(capacity, layout, max_queue, aging_steps, wave_size, group_atomic, consensus_fraction,
-                            consensus_min_votes) -> dict:
+def check_scheduler_options(capacity: Any, layout: Any, max_queue: Any, aging_steps: Any, wave_size: Any,
+                            group_atomic: Any, consensus_fraction: Any, consensus_min_votes: Any) -> dict[str, Any]:
     where = "Scheduler"
     if not isinstance(layout, str):
         raise TypeError(f"{where}: layout must be a str, got {type(layout).__name__}")
@@ -239,19 +268,20 @@ def check_scheduler_options(capacity, layout, max_queue, aging_steps, wave_size,
     )
 
 
-def check_submit(request_id, max_new_tokens, priority, group, stop) -> tuple:
+def check_submit(request_id: Any, max_new_tokens: Any, priority: Any, group: Any,
+                 stop: Any) -> tuple[int, int, int, int | None]:
     where = "submit"
     if not isinstance(stop, StopConfig):
         raise TypeError(f"{where}: stop must be a haltwise.StopConfig, got {type(stop).__name__}")
     return (
         check_int(where, "request_id", request_id),
-        check_int(where, "max_new_tokens", max_new_tokens, 1),
+        check_int(where, "max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
         check_int(where, "priority", priority, _PRIORITY_MIN, _PRIORITY_MAX),
         None if group is None else check_int(where, "group", group),
     )
 
 
-def check_weight(weight) -> float:
+def check_weight(weight: Any) -> float:
     return 1.0 if weight is None else check_float("report_answer", "weight", weight, 0.0, 1.0)
 
 
@@ -298,6 +328,24 @@ class Finished(abc.ABC):
     """
 
     __slots__ = ()
+    # For type checkers only (no runtime attributes); tools/gen_stubs.py types
+    # the native class in _core.pyi from these.
+    request_id: int
+    reason: StopReason
+    group: int | None
+    num_tokens: int
+    tokens: npt.NDArray[np.int64]
+    mean_topk_conf: float
+    mean_logprob: float
+    mean_neg_entropy: float
+    mean_signal: float
+    min_window_mean: float
+    last_window_mean: float
+    last_entropy: float
+    steps_below_threshold: int
+    would_stop_step: int
+    would_stop_reason: StopReason | None
+    signals: dict[str, npt.NDArray[np.float32]] | None
 
 
 class StepPlan(abc.ABC):
@@ -326,10 +374,18 @@ class StepPlan(abc.ABC):
     """
 
     __slots__ = ()
+    # For type checkers only, as in Finished.
+    finished: list[Finished]
+    keep: npt.NDArray[np.int64]
+    admitted: list[tuple[int, int]]
+    request_ids: npt.NDArray[np.int64]
+    positions: npt.NDArray[np.int64]
+    active: npt.NDArray[np.bool_] | None
+    free_slots: npt.NDArray[np.int64] | None
 
 
 @functools.cache
-def _core():
+def _core() -> ModuleType:
     native = core()
     native.scheduler_register_types(StopReason, QueueFull)
     StepPlan.register(native.StepPlan)
@@ -338,7 +394,7 @@ def _core():
 
 
 @functools.lru_cache(maxsize=4096)
-def _native_rules(stop: StopConfig):
+def _native_rules(stop: StopConfig) -> NativeStopRules:
     """The compiled (native) form of a StopConfig, built once per distinct config."""
     return _core().StopRules(
         eos_ids=list(stop.eos_ids),
@@ -409,6 +465,7 @@ class Scheduler:
                                           consensus_fraction, consensus_min_votes)
         self._native = _core().Scheduler(**options)
         self._step = self._native.step
+        self._max_queue = options["max_queue"]
 
     @property
     def capacity(self) -> int:
@@ -419,6 +476,11 @@ class Scheduler:
         return self._native.layout
 
     @property
+    def max_queue(self) -> int:
+        """Most queued requests; submit() beyond raises QueueFull."""
+        return self._max_queue
+
+    @property
     def batch_size(self) -> int:
         """Rows of the next step's batch."""
         return self._native.batch_size
@@ -426,13 +488,17 @@ class Scheduler:
     def submit(self, request_id: int, *, max_new_tokens: int, priority: int = 0, group: int | None = None,
                stop: StopConfig = _DEFAULT_STOP) -> None:
         """Queue a request. ValueError for a request_id already queued or active,
-        max_new_tokens < 1, or a priority unlike that of its group's queued
-        members; :class:`QueueFull` when ``max_queue`` requests are queued. On
-        any error nothing changes."""
+        max_new_tokens outside ``[1, MAX_NEW_TOKENS]`` (2**24), or a priority
+        unlike that of its group's queued members; :class:`QueueFull` when
+        ``max_queue`` requests are queued. On any error nothing changes.
+
+        Once accepted, a request always ends, exactly once, in some plan's
+        ``finished``: if its state cannot be allocated when it is admitted,
+        it ends with OUT_OF_MEMORY (and its row goes to the next request)."""
         request_id, max_new_tokens, priority, group = check_submit(request_id, max_new_tokens, priority, group, stop)
         self._native.submit(request_id, max_new_tokens, priority, group, _native_rules(stop))
 
-    def step(self, tokens, signals) -> StepPlan:
+    def step(self, tokens: Any, signals: Any) -> StepPlan:
         """One decode step.
 
         Parameters
@@ -480,12 +546,17 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Counters: submitted, active, queued, finished (reason name -> count),
-        tokens_generated, and tokens_saved_estimate: the sum, over sequences
+        tokens_generated, groups (groups held: see "Group lifetime" in this
+        module's docstring), and tokens_saved_estimate: the sum, over sequences
         ended by LOW_CONFIDENCE, CONFIDENT or GROUP_CONSENSUS, of
         max_new_tokens - num_tokens. It is the budget those sequences did not
         spend, an upper bound on the tokens saved (they might have hit EOS
         sooner)."""
         return self._native.stats()
+
+    def _fail_next_admissions(self, count: int) -> None:
+        """Testing hook: the next ``count`` admissions fail as if memory ran out."""
+        self._native.fail_next_admissions(check_int("_fail_next_admissions", "count", count, 0))
 
     def __repr__(self) -> str:
         return f"Scheduler(capacity={self.capacity}, layout={self.layout!r}, batch_size={self.batch_size})"

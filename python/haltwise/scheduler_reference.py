@@ -116,7 +116,8 @@ class _Trace:
         self.rules = request.rules
         self.pending_end: Optional[StopReason] = None
         self.tokens: list[int] = []
-        self.recorded = {name: [] for name in RECORDED_SIGNALS} if request.rules.stop.record_signals else None
+        self.recorded: Optional[dict[str, list[float]]] = (
+            {name: [] for name in RECORDED_SIGNALS} if request.rules.stop.record_signals else None)
         self.invalid = False
         self.sums = dict(topk_conf=0.0, logprob=0.0, neg_entropy=0.0, signal=0.0)
         window = request.rules.stop.window
@@ -238,6 +239,9 @@ class _Group:
         self.wave_count = 0
         self.settled = False
         self.dirty = False
+        self.release_candidate = False  # in the scheduler's _empty list
+        self.reported_by = 0  # the step whose plan reports the group's latest end
+        self.ended: list[int] = []  # its members that ended (they may still report an answer)
         self.tally: dict[int, float] = {}  # answer key -> weight, first-reported first
         self.votes = 0
         self.total = 0.0
@@ -281,10 +285,12 @@ class ReferenceScheduler:
         self._active: dict[int, int] = {}  # request_id -> slot
         self._groups: dict[int, _Group] = {}
         self._dirty: list[_Group] = []  # groups whose votes or members changed since the last step
+        self._empty: list[_Group] = []  # groups with no queued or active member, to release
         self._awaiting: dict[int, _Group] = {}  # finished grouped request_id -> its group
         self._pending: list[ReferenceFinished] = []  # ended between steps
         self._rules: dict[StopConfig, _Rules] = {}
         self._stats = dict(submitted=0, tokens_generated=0, tokens_saved_estimate=0)
+        self._fail_admissions = 0  # _fail_next_admissions()
         self._finished_counts = {reason.name: 0 for reason in StopReason}
 
     capacity = property(lambda self: self._capacity)
@@ -299,6 +305,11 @@ class ReferenceScheduler:
             self._stats["tokens_saved_estimate"] += max_new_tokens - record.num_tokens
         if group is not None:
             self._awaiting[record.request_id] = group
+            group.ended.append(record.request_id)
+            group.reported_by = self._step_count + 1 if out is self._pending else self._step_count
+            if not group.queued and group.active == 0 and not group.release_candidate:
+                group.release_candidate = True
+                self._empty.append(group)
         out.append(record)
 
     def _dequeue(self, request: _Request) -> None:
@@ -317,8 +328,14 @@ class ReferenceScheduler:
         self._record(_never_ran(request, reason, None if group is None else group.id), request.max_new_tokens,
                      group, out)
 
-    def _end_active(self, slot: int, reason: StopReason, out: list) -> None:
+    def _trace(self, slot: int) -> _Trace:
+        """The sequence in a slot that holds one (a row of the batch, or an active request's)."""
         trace = self._slots[slot]
+        assert trace is not None, f"slot {slot} is free"
+        return trace
+
+    def _end_active(self, slot: int, reason: StopReason, out: list) -> None:
+        trace = self._trace(slot)
         request = trace.request
         del self._active[request.request_id]
         group = request.group
@@ -342,7 +359,7 @@ class ReferenceScheduler:
         group.settled = True
         ended = 0
         for slot in self._rows:
-            trace = self._slots[slot]
+            trace = self._trace(slot)
             if trace.request.group is group and trace.pending_end is None:
                 trace.pending_end = StopReason.GROUP_CONSENSUS
                 ended += 1
@@ -350,6 +367,22 @@ class ReferenceScheduler:
             self._end_queued(request, StopReason.GROUP_CONSENSUS, out)
             ended += 1
         return ended
+
+    def _release_groups(self) -> None:
+        """Releases the groups whose last member's end was reported in an
+        earlier plan and that are still empty (the rule in haltwise/scheduler.py)."""
+        keep = []
+        for group in self._empty:
+            if group.queued or group.active:
+                group.release_candidate = False
+            elif group.reported_by >= self._step_count:
+                keep.append(group)
+            else:
+                for request_id in group.ended:
+                    if self._awaiting.get(request_id) is group:
+                        del self._awaiting[request_id]
+                del self._groups[group.id]
+        self._empty = keep
 
     def settle_group(self, group: int) -> int:
         group = self._groups.get(check_int("settle_group", "group", group))
@@ -419,7 +452,7 @@ class ReferenceScheduler:
             self._end_queued(self._queued[request_id], StopReason.CANCELLED, self._pending)
             return True
         if request_id in self._active:
-            trace = self._slots[self._active[request_id]]
+            trace = self._trace(self._active[request_id])
             if trace.pending_end is not None:
                 return False
             trace.pending_end = StopReason.CANCELLED
@@ -446,18 +479,30 @@ class ReferenceScheduler:
                 best, best_key = head, key
         return best
 
-    def _admit_one(self, request: _Request, next_rows: list, admitted: list) -> None:
+    def _admit_one(self, request: _Request, next_rows: list, admitted: list, finished: list) -> bool:
+        """Moves a queued request into the lowest free slot; False (the request
+        ended with OUT_OF_MEMORY, into ``finished``) when its state cannot be
+        allocated."""
+        try:
+            if self._fail_admissions > 0:
+                self._fail_admissions -= 1
+                raise MemoryError("injected by _fail_next_admissions")
+            trace = _Trace(request)
+        except MemoryError:
+            self._end_queued(request, StopReason.OUT_OF_MEMORY, finished)
+            return False
         self._dequeue(request)
         slot = heapq.heappop(self._free)
-        self._slots[slot] = _Trace(request)
+        self._slots[slot] = trace
         self._active[request.request_id] = slot
         if request.group is not None:
             request.group.active += 1
             request.group.wave_count += 1
         next_rows.append(slot)
         admitted.append((request.request_id, len(next_rows) - 1 if self._layout == "compact" else slot))
+        return True
 
-    def _admit(self, next_rows: list, admitted: list) -> None:
+    def _admit(self, next_rows: list, admitted: list, finished: list) -> None:
         free = len(self._free)
         while free > 0:
             head = self._best()
@@ -465,8 +510,7 @@ class ReferenceScheduler:
                 break
             group = head.group
             if group is None or not self._group_atomic:
-                self._admit_one(head, next_rows, admitted)
-                free -= 1
+                free -= self._admit_one(head, next_rows, admitted, finished)
                 continue
             unit = len(group.queued)
             if self._wave_size > 0:
@@ -475,8 +519,11 @@ class ReferenceScheduler:
             if unit > free:
                 break  # all or nothing: wait for rows rather than starve the group
             for request in list(group.queued.values())[:unit]:
-                self._admit_one(request, next_rows, admitted)
-            free -= unit
+                free -= self._admit_one(request, next_rows, admitted, finished)
+
+    def _fail_next_admissions(self, count: int) -> None:
+        """Testing hook: the next ``count`` admissions fail as if memory ran out."""
+        self._fail_admissions = check_int("_fail_next_admissions", "count", count, 0)
 
     def _inputs(self, tokens, signals) -> tuple:
         rows = len(self._rows)
@@ -521,11 +568,12 @@ class ReferenceScheduler:
             group.dirty = False
             if not group.settled and group.settled_by_vote(self._fraction, self._min_votes):
                 self._settle(group, finished)
+        self._release_groups()
 
         compact = self._layout == "compact"
         keep, next_rows = [], []
         for r, slot in enumerate(self._rows):
-            trace = self._slots[slot]
+            trace = self._trace(slot)
             reason = trace.pending_end
             if reason is None:
                 reason = trace.on_token(tokens[r], logprob[r], entropy[r], confidence[r], margin[r], topk_conf[r],
@@ -538,9 +586,9 @@ class ReferenceScheduler:
                 self._end_active(slot, reason, finished)
 
         admitted: list = []
-        self._admit(next_rows, admitted)
+        self._admit(next_rows, admitted, finished)
         self._rows = next_rows if compact else sorted(next_rows)
-        traces = [self._slots[slot] for slot in self._rows]
+        traces = [self._trace(slot) for slot in self._rows]
         active = None if compact else _read_only(np.array([t is not None for t in self._slots], dtype=bool))
         return ReferenceStepPlan(
             finished=finished,
@@ -549,8 +597,12 @@ class ReferenceScheduler:
             request_ids=_int64([t.request.request_id for t in traces]),
             positions=_int64([len(t.tokens) for t in traces]),
             active=active,
-            free_slots=None if compact else _int64(np.flatnonzero(~active)),
+            free_slots=None if active is None else _int64(np.flatnonzero(~active)),
         )
+
+    @property
+    def max_queue(self) -> int:
+        return self._max_queue
 
     def stats(self) -> dict:
         return dict(
@@ -560,6 +612,7 @@ class ReferenceScheduler:
             finished=dict(self._finished_counts),
             tokens_generated=self._stats["tokens_generated"],
             tokens_saved_estimate=self._stats["tokens_saved_estimate"],
+            groups=len(self._groups),
         )
 
     def __repr__(self) -> str:

@@ -1,17 +1,21 @@
 """``haltwise.signals``: argument checks and backend dispatch for the fused
-per-step stop signals (definitions in DESIGN.md and in reference.py)."""
+per-step stop signals (definitions in docs/signals.md and in reference.py)."""
 from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from .signals_types import MAX_TOP_K_CONF, Signals
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
+
 BACKENDS = ("auto", "torch", "native", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_TEMPERATURE = 1e-6  # below this (but > 0) x / T overflows float32 for large logits
+MIN_TEMPERATURE = 1e-6  # below this (but > 0) float32 scores x / T + g lose the noise for |x| ~ 10: use 0
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -20,11 +24,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _per_row(name: str, value, batch: int, device: torch.device) -> torch.Tensor:
+def _per_row(name: str, value: object, batch: int, device: torch.device) -> torch.Tensor:
     """An int or an int64 tensor [batch] as a contiguous int64 [batch] tensor on `device`."""
     if _is_int(value):
         if not _INT64_MIN <= value <= _INT64_MAX:
@@ -39,7 +43,7 @@ def _per_row(name: str, value, batch: int, device: torch.device) -> torch.Tensor
     raise TypeError(f"signals: {name} must be an int or an int64 tensor [batch], got {type(value).__name__}")
 
 
-def _check_logits(logits) -> None:
+def _check_logits(logits: object) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"signals: logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -53,7 +57,7 @@ def _check_logits(logits) -> None:
         raise ValueError(f"signals: logits must have unit column stride, got strides {tuple(logits.stride())}")
 
 
-def _check_options(temperature, top_k_conf, backend) -> None:
+def _check_options(temperature: object, top_k_conf: object, backend: object) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"signals: temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature < 0:
@@ -101,7 +105,8 @@ def signals(
         any row stride, unit column stride. Entries may be ``-inf`` (masked).
     temperature: float
         0 for greedy argmax (lowest index on ties); > 0 for Gumbel-max
-        sampling ``argmax_j x_j / T + g_j`` with Philox noise (csrc/philox.h).
+        sampling ``argmax_j x_j / T + g_j`` with Philox noise (csrc/philox.h),
+        scored in float32 so that x / T cannot overflow (signals_types.score_scales).
     top_k_conf: int
         k of the DeepConf token confidence, 0 (off) to 128.
     seed, offset: int or torch.Tensor

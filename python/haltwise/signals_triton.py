@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .kernels.signals import _signals_merge_kernel, _signals_segment_kernel
-from .signals_types import Signals, empty_signals
+from .signals_types import Signals, empty_signals, score_scales
 
 MAX_BLOCK_GREEDY = 4096
 MAX_BLOCK_SAMPLE = 2048
@@ -76,7 +76,8 @@ def segments(vocab: int, config: Plan) -> tuple[int, int]:
     return seg_len, math.ceil(vocab / seg_len)
 
 
-def empty_workspace(batch: int, num_segments: int, top_k_conf: int, device: torch.device):
+def empty_workspace(batch: int, num_segments: int, top_k_conf: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial-state buffers of the split path: float32 [batch, nseg, 4],
     int32 [batch, nseg, 4], float32 [batch, nseg, KP] (layout in kernels/signals.py)."""
     kp = triton.next_power_of_2(max(top_k_conf, 2))
@@ -125,18 +126,19 @@ def launch(
         SAMPLE=sample,
         KP=kp,
         num_warps=config.num_warps,
-        # no FMA contraction: x * inv_t + g rounds like the torch and numpy
-        # references, so sampled tokens agree (explicit also silences Triton 3.9)
+        # no FMA contraction: x * x_scale + g * noise_scale rounds like the torch
+        # and native backends, so sampled tokens agree (explicit also silences Triton 3.9)
         enable_fp_fusion=False,
     )
-    # float32(1 / T) is rounded once, by the launch, as in every backend
-    inv_t = 1.0 / temperature if sample else 0.0
+    # float32(1 / T) is rounded once, as in every backend, then split so the
+    # scores cannot overflow (both factors are float32 values: passed exactly)
+    x_scale, noise_scale = score_scales(temperature) if sample else (0.0, 1.0)
     if num_segments == 1:
         dummy = out.logprob  # partial-state pointers are not read on this path
         _signals_segment_kernel[(batch, 1)](
             logits, logits.stride(0), seed, offset, *out, dummy, dummy, dummy,
-            vocab=vocab, seg_len=seg_len, inv_t=inv_t, SALTED=salted, FINALIZE=True,
-            BLOCK=config.block, **common,
+            vocab=vocab, seg_len=seg_len, x_scale=x_scale, noise_scale=noise_scale, SALTED=salted,
+            FINALIZE=True, BLOCK=config.block, **common,
         )
         return out
     if workspace is None:
@@ -148,8 +150,8 @@ def launch(
         )
     _signals_segment_kernel[(batch, num_segments)](
         logits, logits.stride(0), seed, offset, *out, *workspace,
-        vocab=vocab, seg_len=seg_len, inv_t=inv_t, SALTED=salted, FINALIZE=False,
-        BLOCK=config.block, **common,
+        vocab=vocab, seg_len=seg_len, x_scale=x_scale, noise_scale=noise_scale, SALTED=salted,
+        FINALIZE=False, BLOCK=config.block, **common,
     )
     _signals_merge_kernel[(batch,)](
         logits, logits.stride(0), *out, *workspace,

@@ -7,17 +7,37 @@ that continue, on the logits' device.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .scheduler import Scheduler, StepPlan, StopConfig
+from .scheduler import QueueFull, Scheduler, StepPlan, StopConfig, StopReason, check_int, check_submit
 from .signals import signals
 from .signals_types import Signals
 
+if TYPE_CHECKING:
+    from .policy import Policy
+    from .policy.policy import Plan
+
 _FIELDS = ("logprob", "entropy", "confidence", "margin", "topk_conf")
-TRACE_STRIDE = 1024  # a policy request of K > 1 traces: trace k is scheduler request request_id * TRACE_STRIDE + k
+# With a policy, trace k of request r is scheduler request r * TRACE_STRIDE + k (0 <= k < K <= 4096, the most
+# traces a PolicyConfig allows), in group r: ids of different requests never collide.
+TRACE_STRIDE = 4096
+REQUEST_ID_MIN, REQUEST_ID_MAX = -(2**63) // TRACE_STRIDE, (2**63 - 1) // TRACE_STRIDE
+
+
+def trace_id(request_id: int, k: int) -> int:
+    """The scheduler request id of trace k of a policy request."""
+    return request_id * TRACE_STRIDE + k
+
+
+def request_of(scheduler_id: int) -> tuple[int, int]:
+    """(request_id, k) of a scheduler request id made by :func:`trace_id`."""
+    request_id, k = divmod(int(scheduler_id), TRACE_STRIDE)
+    return request_id, k
 
 
 def row_seeds(base_seed: int, request_ids: np.ndarray) -> np.ndarray:
@@ -42,12 +62,15 @@ class StepOutput:
              their slots); gather the KV cache / positions with it.
     plan:    the scheduler's StepPlan (finished records, admissions, layout data).
     signals: the Signals of this step, (batch_size,) tensors on the logits' device.
+    finished: the records of the requests that ended (``plan.finished``
+             without the traces of an admission that failed and was withdrawn).
     """
 
     tokens: torch.Tensor
     keep: torch.Tensor
     plan: StepPlan
     signals: Signals | None
+    finished: list
 
     @property
     def admitted(self) -> list[tuple[int, int]]:
@@ -82,33 +105,77 @@ class Stepper:
     each request :meth:`submit` admits).
     """
 
-    def submit(self, request_id: int, *, max_new_tokens: int, key=None, stop: StopConfig = StopConfig(),
-               priority: int = 0):
+    def submit(self, request_id: int, *, max_new_tokens: int, key: str | tuple[str, ...] | None = None,
+               stop: StopConfig = StopConfig(), priority: int = 0) -> Plan | None:
         """Queue a request. Without a policy: one sequence with `stop`; returns None.
 
         With a policy: ``policy.plan(request_id, key, base=stop)`` decides its
         StopConfig (the threshold in force; uncut with signals kept for control
         and warm-up requests; shadowed cuts) and its number of traces K; the K
-        traces are scheduler requests ``request_id * TRACE_STRIDE + k`` in group
-        ``request_id`` (just ``request_id`` when K = 1). Returns the Plan; report
-        the finished traces with ``policy.observe(request_id, records, answers)``.
+        traces are scheduler requests ``trace_id(request_id, k)`` (=
+        ``request_id * TRACE_STRIDE + k``) in group ``request_id``. Returns the
+        Plan; report the finished traces with ``policy.observe(request_id,
+        records, answers)``.
+
+        Admission is all or nothing: the arguments and the queue's room for K
+        traces are checked before anything is queued; if the scheduler still
+        refuses a trace (an id or group the caller also uses directly), the
+        traces already queued are withdrawn (cancelled; their records never
+        reach :attr:`StepOutput.finished`) and the plan is undone. Either way
+        the exception propagates (QueueFull, ValueError) and the same
+        request_id can be submitted again.
         """
         if self.policy is None:
             self.scheduler.submit(request_id, max_new_tokens=max_new_tokens, priority=priority, stop=stop)
             return None
-        plan = self.policy.plan(request_id, key, base=stop)
-        if plan.traces == 1:
-            self.scheduler.submit(request_id, max_new_tokens=max_new_tokens, priority=priority, stop=plan.stop)
-            return plan
-        if plan.traces > TRACE_STRIDE:
-            raise ValueError(f"Stepper.submit: a plan may have at most {TRACE_STRIDE} traces, got {plan.traces}")
-        for k in range(plan.traces):
-            self.scheduler.submit(request_id * TRACE_STRIDE + k, max_new_tokens=max_new_tokens, priority=priority,
-                                  group=request_id, stop=plan.stop)
-        return plan
+        request_id = check_int("Stepper.submit", "request_id", request_id, REQUEST_ID_MIN, REQUEST_ID_MAX)
+        # the arguments, before the policy records a plan
+        check_submit(trace_id(request_id, 0), max_new_tokens, priority, request_id, stop)
+        room = self._queue_room()
+        most = self.policy.config.traces  # no plan has more traces (fewer under overload)
+        if room is not None and room < most:  # cheap refusal before planning (a plan undone costs a reload)
+            raise QueueFull(f"Stepper.submit: request {request_id} needs up to {most} queue places, {room} are free "
+                            f"(max_queue={self.scheduler.max_queue}); nothing was queued or planned")
+
+        admitted: list[int] = []
+
+        def admit(plan) -> None:  # inside the policy's planning transaction: raising undoes the plan
+            if plan.traces > TRACE_STRIDE:
+                raise ValueError(f"Stepper.submit: a plan may have at most {TRACE_STRIDE} traces, got {plan.traces}")
+            room = self._queue_room()
+            if room is not None and plan.traces > room:
+                raise QueueFull(f"Stepper.submit: request {request_id} needs {plan.traces} queue places, {room} are "
+                                f"free (max_queue={self.scheduler.max_queue}); nothing was queued or planned")
+            queued = []
+            try:
+                for k in range(plan.traces):
+                    self.scheduler.submit(trace_id(request_id, k), max_new_tokens=max_new_tokens, priority=priority,
+                                          group=request_id, stop=plan.stop)
+                    queued.append(trace_id(request_id, k))
+            except BaseException:
+                self._withdraw(queued)
+                raise
+            admitted.extend(queued)
+
+        try:
+            return self.policy.plan(request_id, key, base=stop, admit=admit)
+        except BaseException:
+            self._withdraw(admitted)  # queued, but the plan's transaction failed to commit: undo the queueing too
+            raise
+
+    def _withdraw(self, scheduler_ids: list[int]) -> None:
+        """Cancel queued traces of an admission that failed; their CANCELLED records are dropped."""
+        for sid in scheduler_ids:
+            if self.scheduler.cancel(sid):
+                self._withdrawn[sid] += 1
+
+    def _queue_room(self) -> int | None:
+        """Free queue places, or None if the scheduler does not say."""
+        max_queue = getattr(self.scheduler, "max_queue", None)
+        return None if max_queue is None else max_queue - self.scheduler.stats()["queued"]
 
     def __init__(self, scheduler: Scheduler, *, temperature: float = 0.0, top_k_conf: int = 20, seed: int = 0,
-                 backend: str = "auto", policy=None):
+                 backend: str = "auto", policy: Policy | None = None) -> None:
         self.scheduler = scheduler
         self.policy = policy  # a haltwise.Policy: plans what submit() queues
         self.temperature = temperature
@@ -118,6 +185,7 @@ class Stepper:
         self._request_ids = np.zeros(0, dtype=np.int64)
         self._positions = np.zeros(0, dtype=np.int64)
         self._slots = np.zeros(0, dtype=np.int64)  # slots layout: slot of each row of the next step
+        self._withdrawn: Counter = Counter()  # traces of a failed admission: their CANCELLED records are dropped
 
     @property
     def batch_size(self) -> int:
@@ -154,14 +222,16 @@ class Stepper:
         )
         if device.type == "cpu":  # numpy views: the scheduler reads them faster than tensors
             tokens = sig.token.numpy()
-            host = HostSignals(*(getattr(sig, f).numpy() for f in _FIELDS), status=sig.status.numpy())
+            logprob, entropy, confidence, margin, topk_conf = (getattr(sig, f).numpy() for f in _FIELDS)
+            host = HostSignals(logprob, entropy, confidence, margin, topk_conf, status=sig.status.numpy())
         else:
             # The one host sync of the step: the scheduler needs the per-row
             # values. One float64 copy holds them all exactly (tokens < 2^53).
             rows = [sig.token, sig.status] + [getattr(sig, f) for f in _FIELDS]
             packed = torch.stack([r.double() for r in rows]).cpu().numpy()  # [7, batch]
             tokens = packed[0].astype(np.int64)
-            host = HostSignals(*packed[2:].astype(np.float32), status=packed[1].astype(np.int8))
+            logprob, entropy, confidence, margin, topk_conf = packed[2:].astype(np.float32)
+            host = HostSignals(logprob, entropy, confidence, margin, topk_conf, status=packed[1].astype(np.int8))
         plan = self.scheduler.step(tokens, host)
         return self._output(plan, sig, sig.token)
 
@@ -174,7 +244,18 @@ class Stepper:
         self._positions = np.array(plan.positions, dtype=np.int64)
         if plan.active is not None:
             self._slots = np.flatnonzero(plan.active)
-        return StepOutput(tokens=tokens.index_select(0, keep), keep=keep, plan=plan, signals=sig)
+        finished = plan.finished
+        if self._withdrawn:
+            finished = []
+            for record in plan.finished:
+                sid = record.request_id
+                if self._withdrawn[sid] and record.reason == StopReason.CANCELLED and record.num_tokens == 0:
+                    self._withdrawn[sid] -= 1
+                    if not self._withdrawn[sid]:
+                        del self._withdrawn[sid]
+                    continue
+                finished.append(record)
+        return StepOutput(tokens=tokens.index_select(0, keep), keep=keep, plan=plan, signals=sig, finished=finished)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class TraceBank:
         return self.signals[name][lo:hi].astype(np.float32)
 
     def save(self, path: str | Path) -> None:
-        arrays = dict(references=self.references, difficulty=self.difficulty, answers=self.answers,
+        arrays: dict[str, Any] = dict(references=self.references, difficulty=self.difficulty, answers=self.answers,
                       reasons=self.reasons, lengths=self.lengths, offsets=self.offsets,
                       meta=np.array(json.dumps(self.meta)))
         arrays.update({f"signal_{name}": values for name, values in self.signals.items()})
@@ -79,16 +79,76 @@ class TraceBank:
 
     @classmethod
     def load(cls, path: str | Path) -> "TraceBank":
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"references", "answers", "offsets"} - set(data.files)
+        """Read a bank saved by :meth:`save`. Every array is checked (names,
+        dtypes, shapes, offsets against lengths and the signal arrays), so a
+        damaged or tampered file raises ValueError naming the path and what
+        is wrong rather than replaying garbage."""
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"TraceBank.load: {path} is not a trace bank (not an npz file: {e})") from None
+        with data:
+            required = ["references", "difficulty", "answers", "reasons", "lengths", "offsets", "meta",
+                        *(f"signal_{name}" for name in SIGNALS)]
+            missing = [name for name in required if name not in data.files]
             if missing:
                 raise ValueError(f"TraceBank.load: {path} is not a trace bank (missing {sorted(missing)})")
-            return cls(
-                references=data["references"], difficulty=data["difficulty"], answers=data["answers"],
-                reasons=data["reasons"], lengths=data["lengths"], offsets=data["offsets"],
-                signals={name: data[f"signal_{name}"] for name in SIGNALS},
-                meta=json.loads(str(data["meta"])),
-            )
+            try:
+                arrays = {name: data[name] for name in required}
+                meta = json.loads(str(arrays.pop("meta")))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"TraceBank.load: {path} is damaged ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"TraceBank.load: {path}: meta must be a JSON object, got {type(meta).__name__}")
+        bank = cls(references=arrays["references"], difficulty=arrays["difficulty"], answers=arrays["answers"],
+                   reasons=arrays["reasons"], lengths=arrays["lengths"], offsets=arrays["offsets"],
+                   signals={name: arrays[f"signal_{name}"] for name in SIGNALS}, meta=meta)
+        problem = bank.validate()
+        if problem:
+            raise ValueError(f"TraceBank.load: {path} is not a consistent trace bank: {problem}")
+        return bank
+
+    def validate(self) -> str | None:
+        """None if the arrays are consistent, else what is wrong (one line)."""
+        def kind(a) -> str:
+            return f"{a.dtype} {tuple(a.shape)}"
+
+        for name in ("references", "difficulty", "answers", "reasons", "lengths", "offsets"):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu":
+                return f"{name} must be an integer array, got {kind(a) if isinstance(a, np.ndarray) else type(a)}"
+        if self.answers.ndim != 2:
+            return f"answers must be (problems, traces), got {kind(self.answers)}"
+        P, K = self.answers.shape
+        for name, shape in (("references", (P,)), ("difficulty", (P,)), ("reasons", (P, K)), ("lengths", (P, K)),
+                            ("offsets", (P * K + 1,))):
+            if getattr(self, name).shape != shape:
+                return f"{name} must have shape {shape} (answers is {(P, K)}), got {kind(getattr(self, name))}"
+        if (self.lengths < 0).any():
+            return f"lengths must be >= 0, got {int(self.lengths.min())}"
+        if self.offsets[0] != 0:
+            return f"offsets[0] must be 0, got {int(self.offsets[0])}"
+        steps = np.diff(self.offsets.astype(np.int64))
+        bad = np.flatnonzero(steps != self.lengths.reshape(-1).astype(np.int64))
+        if bad.size:
+            i = int(bad[0])
+            return (f"offsets must be the running sum of lengths: trace {i} (problem {i // max(K, 1)}, trace "
+                    f"{i % max(K, 1)}) spans offsets[{i}:{i + 2}] = {self.offsets[i:i + 2].tolist()} but has "
+                    f"length {int(self.lengths.reshape(-1)[i])}")
+        total = int(self.offsets[-1])
+        for name in SIGNALS:
+            values = self.signals.get(name)
+            if values is None:
+                return f"signal {name!r} is missing"
+            if values.ndim != 1 or values.dtype.kind != "f" or len(values) != total:
+                return f"signal {name} must be float ({total},) (offsets[-1]), got {kind(values)}"
+        from .scheduler import StopReason
+
+        valid = np.array([int(r) for r in StopReason])
+        if not np.isin(self.reasons, valid).all():
+            bad_reason = self.reasons[~np.isin(self.reasons, valid)].reshape(-1)[0]
+            return f"reasons must be StopReason values {valid.tolist()}, got {int(bad_reason)}"
+        return None
 
     @classmethod
     def from_traces(cls, references: Sequence[int], difficulty: Sequence[int],

@@ -28,8 +28,8 @@ import time
 
 import numpy as np
 
-from ..scheduler import Scheduler, StopConfig
-from ..scheduler_reference import ReferenceScheduler
+from ..scheduler import Scheduler, StepPlan, StopConfig
+from ..scheduler_reference import ReferenceScheduler, ReferenceStepPlan
 from ..stepper import HostSignals
 
 BATCHES = (8, 256, 4096)
@@ -47,7 +47,7 @@ STOP = StopConfig(
     confident_steps=3,
 )
 GROUP_SIZE = 8
-IMPLEMENTATIONS = {"native": Scheduler, "python": ReferenceScheduler}
+IMPLEMENTATIONS: dict[str, type[Scheduler] | type[ReferenceScheduler]] = {"native": Scheduler, "python": ReferenceScheduler}
 
 
 class SchedulerWorkload:
@@ -61,7 +61,7 @@ class SchedulerWorkload:
         self.rng = np.random.default_rng(seed)
         self.queue_target = batch // 4 + 8
         self.next_id = 0
-        self.plan = None
+        self.plan: StepPlan | ReferenceStepPlan | None = None
         rng = np.random.default_rng(seed + 1)
         tokens = rng.integers(20, VOCAB, (pool, batch))
         tokens[rng.random((pool, batch)) < 1 / 100] = EOS_IDS[0]
@@ -142,7 +142,7 @@ def bench_scheduler(batches=BATCHES, *, repeats: int = 11, warmup_steps: int = 1
         python.warm_up(warmup_steps if batch <= 256 else warmup_steps // 3)
         native_block = 200
         python_block = 50 if batch <= 256 else 4
-        samples = {"native": [], "python": []}
+        samples: dict[str, list[float]] = {"native": [], "python": []}
         gc.collect()
         for _ in range(repeats):
             samples["native"] += [native.timed_step() for _ in range(native_block)]

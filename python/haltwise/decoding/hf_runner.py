@@ -137,21 +137,48 @@ class HFRunner:
 
 
 def hf_setup(model_dir: str | None, problems_file: str | None, cfg) -> dict:
-    """Problems, task and runner factory for `haltwise bench --model DIR --problems-file FILE`."""
+    """Problems, task and runner factory for `haltwise bench --model DIR --problems-file FILE`.
+    Both arguments are checked (the problems parsed) before the model loads;
+    a bad one raises CliError naming it."""
+    from pathlib import Path
+
+    from .._cli_util import CliError
+    from ..tasks.adapters import JsonlTask, TokenIds
+
     if not model_dir or not problems_file:
-        raise SystemExit("haltwise bench: --model DIR and --problems-file FILE.jsonl go together")
+        raise CliError("--model DIR and --problems-file FILE.jsonl go together")
+    if not Path(problems_file).is_file():
+        raise CliError(f"--problems-file {problems_file}: does not exist"
+                       + (" (it is a directory)" if Path(problems_file).is_dir() else ""))
+    try:
+        problems = JsonlTask.load(problems_file)[: cfg.problems]
+    except (OSError, ValueError) as e:
+        raise CliError(f"--problems-file {e}") from None
+    model_path = Path(model_dir)
+    if not (model_path / "config.json").is_file():
+        found = "nothing" if not model_path.exists() else "a file" if not model_path.is_dir() else \
+            "a directory without config.json"
+        raise CliError(f"--model: no model at {model_dir} (expected a local Hugging Face checkpoint directory "
+                       f"with config.json; found {found})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..tasks.adapters import JsonlTask
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CliError(f"--model: no model at {model_dir} ({first})") from None
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise SystemExit(f"haltwise bench: the tokenizer in {model_dir} has no eos_token_id")
+        raise CliError(f"--model: the tokenizer in {model_dir} has no eos_token_id")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    task = JsonlTask(encode=lambda s: tokenizer(s, add_special_tokens=True)["input_ids"],
-                     decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), eos_ids=(eos,))
-    problems = JsonlTask.load(problems_file)[: cfg.problems]
+
+    def decode(ids: TokenIds) -> str:
+        text = tokenizer.decode(list(ids), skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence in, one string out
+        return text
+
+    task = JsonlTask(encode=lambda s: tokenizer(s, add_special_tokens=True)["input_ids"], decode=decode,
+                     eos_ids=(eos,))
     return dict(cfg=replace(cfg, problems=len(problems)), problems=problems, task=task,
                 runner_factory=lambda capacity: HFRunner(model, pad_id=pad))

@@ -104,6 +104,7 @@ class DecodeLoop:
                 self.stats.tokens += len(prompts)  # each prefill yields a first token
 
             # 5. step on the logits in the scheduler's row order (active slots, increasing)
+            assert plan.active is not None  # the slots layout
             step_slots = np.flatnonzero(plan.active).astype(np.int64)
             if len(step_slots) == 0:
                 if self.scheduler.stats()["queued"] == 0:

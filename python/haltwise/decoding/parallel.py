@@ -10,6 +10,7 @@ same traces: a cut trace is a prefix of its uncut twin.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..scheduler import Finished, Scheduler, StopConfig, StopReason
 from ..stepper import Stepper
+from ..tasks.adapters import TokenIds
 from ..voting import vote_settled, warmup_threshold, weighted_vote
 from .loop import DecodeLoop, LoopStats
 from .runners import Runner
@@ -33,7 +35,7 @@ class Task(Protocol):
 
     def prompt_ids(self, problem) -> list[int]: ...
 
-    def answer_of(self, token_ids: Sequence[int]) -> int | None: ...
+    def answer_of(self, token_ids: TokenIds) -> int | None: ...
 
     def reference(self, problem) -> int: ...
 
@@ -172,7 +174,7 @@ class ParallelSampler:
 
     def run(self, problems: Sequence, settings: EarlyStopSettings, *,
             stepper_factory: Callable[[Scheduler], Stepper] | None = None,
-            progress: Callable[[int], None] | None = None) -> RunResult:
+            progress: Callable[[int], object] | None = None) -> RunResult:
         """Decode every problem's traces; `progress(n)` is called as traces end."""
         K = settings.traces
         scheduler = Scheduler(self.capacity, layout="slots", wave_size=settings.wave_size)
@@ -184,11 +186,11 @@ class ParallelSampler:
         prompts = [self.task.prompt_ids(p) for p in problems]
         warmup_left = [settings.warmup] * len(problems)
         settled = [False] * len(problems)
-        base = dict(eos_ids=tuple(self.task.eos_ids), low_conf_signal=settings.signal, window=settings.window,
-                    min_new_tokens=settings.window, record_signals=settings.record_signals)
+        base = StopConfig(eos_ids=tuple(self.task.eos_ids), low_conf_signal=settings.signal, window=settings.window,
+                          min_new_tokens=settings.window, record_signals=settings.record_signals)
 
         def submit(p: int, traces: range, threshold: float | None) -> None:
-            stop = StopConfig(**base, low_conf_threshold=threshold)
+            stop = dataclasses.replace(base, low_conf_threshold=threshold)
             for k in traces:
                 loop.submit(p * K + k, prompts[p], max_new_tokens=settings.max_new_tokens, group=p, stop=stop)
 

@@ -22,7 +22,7 @@ actually chose.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -65,8 +65,8 @@ class HaltwiseStoppingCriteria(StoppingCriteria):
     def __init__(self, processor: HaltwiseSignalsProcessor, *, batch_size: int,
                  stop: StopConfig | Sequence[StopConfig] = StopConfig(),
                  max_new_tokens: int | Sequence[int] = 256):
-        stops = list(stop) if isinstance(stop, (list, tuple)) else [stop] * batch_size
-        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * batch_size
+        stops = [stop] * batch_size if isinstance(stop, StopConfig) else list(stop)
+        limits = [max_new_tokens] * batch_size if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(stops) != batch_size or len(limits) != batch_size:
             raise ValueError(f"HaltwiseStoppingCriteria: stop and max_new_tokens must have batch_size={batch_size} "
                              f"entries, got {len(stops)} and {len(limits)}")
@@ -78,6 +78,7 @@ class HaltwiseStoppingCriteria(StoppingCriteria):
         plan = self.scheduler.step(np.zeros(0, dtype=np.int64), HostSignals.zeros(0))  # admits row i into slot i
         if [slot for _, slot in plan.admitted] != list(range(batch_size)):
             raise RuntimeError("HaltwiseStoppingCriteria: expected request i in slot i")
+        assert plan.active is not None  # the slots layout
         self.active = np.flatnonzero(plan.active)
         self.done = torch.zeros(batch_size, dtype=torch.bool)
         self.finished: dict[int, Finished] = {}
@@ -86,13 +87,13 @@ class HaltwiseStoppingCriteria(StoppingCriteria):
         self.eos_token_id = sorted({t for s in stops for t in s.eos_ids})
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        sig = self.processor.last
-        if sig is None or sig.token.shape[0] != self.batch_size:
+        sig, last_scores = self.processor.last, self.processor.last_scores
+        if sig is None or last_scores is None or sig.token.shape[0] != self.batch_size:
             raise RuntimeError("HaltwiseStoppingCriteria: pass the HaltwiseSignalsProcessor of this criteria to "
                                "generate(logits_processor=...) so each step's signals are recorded")
         token = input_ids[:, -1]  # [batch], the token generate chose
         # logprob of that token: x_token - lse, with lse = x_argmax - logprob_argmax from the fused pass
-        x = self.processor.last_scores.float()
+        x = last_scores.float()
         lse = x.gather(1, sig.token[:, None]).squeeze(1) - sig.logprob
         logprob = x.gather(1, token[:, None]).squeeze(1) - lse
         rows = torch.from_numpy(self.active).to(token.device)
@@ -101,7 +102,7 @@ class HaltwiseStoppingCriteria(StoppingCriteria):
         host["logprob"] = logprob.index_select(0, rows).float().cpu().numpy()
         plan = self.scheduler.step(token.index_select(0, rows).cpu().numpy(), HostSignals(**host))
         self._record(plan)
-        return self.done.to(input_ids.device)
+        return cast(torch.BoolTensor, self.done.to(input_ids.device))  # bool dtype
 
     def close(self) -> dict[int, Finished]:
         """End the rows ``generate`` stopped on its own (CANCELLED); returns ``finished``."""
@@ -116,6 +117,7 @@ class HaltwiseStoppingCriteria(StoppingCriteria):
         for record in plan.finished:
             self.finished[record.request_id] = record
             self.done[record.request_id] = True
+        assert plan.active is not None  # the slots layout
         self.active = np.flatnonzero(plan.active)
 
 

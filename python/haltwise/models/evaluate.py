@@ -89,7 +89,7 @@ def generate(
     """
     device = model.head.weight.device
     out_tokens: list[list[int]] = [[] for _ in prompts]
-    out_signals: list[np.ndarray] | None = [None] * len(prompts) if record_signals else None
+    out_signals: list[np.ndarray | None] = [None] * len(prompts)
     t0 = time.perf_counter()
     n_tokens = 0
     for c0 in range(0, len(prompts), batch_size):
@@ -119,7 +119,7 @@ def generate(
                 tok = torch.multinomial(probs, 1, generator=generator)[:, 0]  # [b]
             tok_h, live = tok.cpu(), rows[alive]  # host sync: bookkeeping of finished rows
             toks[live, step] = tok_h[alive]
-            if record_signals:
+            if sigs is not None:
                 sigs[live, step] = token_signals(last[alive.to(device)], tok[alive.to(device)]).cpu()
             n_gen[live] += 1
             full = cache.lengths.cpu() >= max_len  # no room for this token's keys
@@ -135,10 +135,11 @@ def generate(
         for b in range(n):
             k = int(n_gen[b])
             out_tokens[c0 + b] = toks[b, :k].tolist()
-            if record_signals:
+            if sigs is not None:
                 out_signals[c0 + b] = sigs[b, :k].numpy()
         n_tokens += int(n_gen.sum())
-    return Generation(out_tokens, out_signals, time.perf_counter() - t0, n_tokens)
+    signals = [s for s in out_signals if s is not None] if record_signals else None  # every entry, when recorded
+    return Generation(out_tokens, signals, time.perf_counter() - t0, n_tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -198,6 +199,7 @@ def evaluate(model: GPT, n_problems: int, k: int, seed: int, batch_size: int, ma
     truth = np.array([p.answer for p in problems for _ in range(k)])
     correct = np.array([a == t for a, t in zip(answers, truth)])  # [P*k]
     lengths = np.array([len(t) for t in gen.tokens])
+    assert gen.signals is not None  # record_signals=True
     scores = np.stack([trace_scores(s) for s in gen.signals])  # [P*k, n_signals, n_scores]
 
     maj_correct = np.array([majority(answers[i * k : (i + 1) * k]) == p.answer for i, p in enumerate(problems)])

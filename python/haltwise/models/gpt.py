@@ -183,6 +183,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    rope_cos: torch.Tensor  # buffers, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.d_model % config.n_head or config.head_dim % 2:

@@ -9,5 +9,6 @@ offline harness (`haltwise replay`), cli.py the `haltwise policy` commands.
 """
 from .config import PolicyConfig
 from .policy import Plan, Policy, TraceOutcome
+from .store import PolicyDatabaseError
 
-__all__ = ["Plan", "Policy", "PolicyConfig", "TraceOutcome"]
+__all__ = ["Plan", "Policy", "PolicyConfig", "PolicyDatabaseError", "TraceOutcome"]

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from .._cli_util import CliError, check_output, check_plot
+
 
 def add_policy_subcommands(subparsers) -> None:
     """Adds ``policy`` (with ``show``) and ``replay`` to an argparse subparsers object."""
@@ -112,11 +114,15 @@ def format_show(report: dict) -> str:
 
 def _show(args) -> int:
     from .policy import Policy
+    from .store import PolicyDatabaseError
 
     if not Path(args.db).exists():
         print(f"haltwise policy show: DB {args.db} does not exist", file=sys.stderr)
         return 2
-    policy = Policy.open(args.db)
+    try:  # read-only: never writes, works on a read-only file and while the serving process writes
+        policy = Policy.open(args.db, readonly=True)
+    except PolicyDatabaseError as e:
+        raise CliError(str(e)) from None
     try:
         report = policy.report(last_changes=args.last)
     finally:
@@ -134,6 +140,8 @@ def _replay(args) -> int:
     from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_payload, plot_report, run_replay
     from .synthetic import synthetic_bank
 
+    check_output("--json", args.json)
+    check_plot("--plot", args.plot)
     if args.synthetic and args.bank:
         print("haltwise replay: give --bank or --synthetic, not both", file=sys.stderr)
         return 2
@@ -146,7 +154,10 @@ def _replay(args) -> int:
             print(f"haltwise replay: bank {path} does not exist (record one with `haltwise bench --bank-out PATH`, "
                   f"or use --synthetic)", file=sys.stderr)
             return 2
-        bank = TraceBank.load(path)
+        try:
+            bank = TraceBank.load(path)
+        except ValueError as e:
+            raise CliError(str(e)) from None
         print(f"bank: {path} ({bank.num_problems} problems x {bank.traces_per_problem} traces)")
     policy_config = PolicyConfig(epsilon=args.epsilon, delta=args.delta, epsilon_overload=args.epsilon_overload,
                                  traces=args.traces, signal=args.signal, control_fraction=args.control_fraction)
@@ -170,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="haltwise")
     add_policy_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except CliError as e:
+        name = args.command if args.command != "policy" else f"policy {args.policy_command}"
+        print(f"haltwise {name}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -47,9 +47,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
+
+Counts = Union[Sequence[int], npt.NDArray[np.integer]]  # per-candidate counts
 
 TESTS = ("binomial", "mcnemar")
 
@@ -219,9 +222,7 @@ def certify(differences: np.ndarray, *, epsilon: float, delta: float, test: str)
     n = d.shape[0]
     harms = (d == 1).sum(axis=0)
     helps = (d == -1).sum(axis=0)
-    return fixed_sequence(
-        (lambda c=c: rejects(test, int(harms[c]), int(helps[c]), n, epsilon, delta)) for c in range(d.shape[1])
-    )
+    return certify_counts(harms, helps, n, epsilon=epsilon, delta=delta, test=test)
 
 
 def chain_counts(differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -230,12 +231,13 @@ def chain_counts(differences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (d == 1).sum(axis=0), (d == -1).sum(axis=0)
 
 
-def certify_counts(harms: Sequence[int], helps: Sequence[int], n: int, *, epsilon: float, delta: float,
+def certify_counts(harms: Counts, helps: Counts, n: int, *, epsilon: float, delta: float,
                    test: str) -> int:
     """:func:`certify` from per-candidate counts."""
-    return fixed_sequence(
-        (lambda c=c: rejects(test, int(harms[c]), int(helps[c]), n, epsilon, delta)) for c in range(len(harms))
-    )
+    def decision(c: int) -> bool:
+        return rejects(test, int(harms[c]), int(helps[c]), n, epsilon, delta)
+
+    return fixed_sequence(functools.partial(decision, c) for c in range(len(harms)))
 
 
 def chain_starts(size: int, starts: int) -> list[int]:
@@ -245,7 +247,7 @@ def chain_starts(size: int, starts: int) -> list[int]:
     return sorted({(i * size) // starts for i in range(starts)})
 
 
-def certified_set(harms: Sequence[int], helps: Sequence[int], n: int, *, epsilon: float, delta: float, test: str,
+def certified_set(harms: Counts, helps: Counts, n: int, *, epsilon: float, delta: float, test: str,
                   starts: int = 1) -> list[int]:
     """Candidates certified by fixed-sequence chains from :func:`chain_starts`
     (each at delta / number of chains), increasing. Family-wise error <= delta."""

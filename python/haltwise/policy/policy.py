@@ -36,8 +36,9 @@ import dataclasses
 import math
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -52,7 +53,7 @@ from .cost import candidate_table
 from .load import LoadMonitor, LoadState
 from .shadow import summarize as summarize_shadow
 from .shadow import would_have
-from .store import SCHEMA_VERSION, Store
+from .store import PolicyDatabaseError, Store
 
 KINDS = ("warmup", "control", "shadow", "policy")
 # The overload trace count changes only when another count's certified candidate is this much better (relative).
@@ -194,8 +195,14 @@ class Policy:
         Knobs; None: the defaults, or the stored config of an existing database.
     db: str | os.PathLike
         SQLite file (WAL mode), or ":memory:" (nothing survives the process).
-        An existing file resumes where it stopped; a config that differs from
-        the stored one raises ValueError naming the fields.
+        Where no file exists a new database is created; an existing file
+        resumes where it stopped if it is a haltwise policy database (else
+        PolicyDatabaseError, the file untouched); a config that differs from
+        the stored one raises ValueError naming the fields. Several
+        processes may share one database.
+    readonly: bool
+        Open an existing database without writing (reports); calls that
+        write raise PolicyDatabaseError.
     clock: callable
         Seconds since the epoch, for audit and feedback times only (decisions
         never read the clock).
@@ -209,44 +216,95 @@ class Policy:
     ('warmup', 4, True)
     """
 
-    def __init__(self, config: PolicyConfig | None = None, *, db=":memory:", clock=time.time):
+    def __init__(self, config: PolicyConfig | None = None, *, db=":memory:", clock=time.time,
+                 readonly: bool = False):
         if config is not None and not isinstance(config, PolicyConfig):
             raise TypeError(f"Policy: config must be a haltwise.PolicyConfig or None, got {type(config).__name__}")
         self._lock = threading.RLock()
         self._clock = clock
-        probe = Store(db, clock=clock)
-        stored = probe.get_meta("config")
-        if stored is not None:
-            stored_config = PolicyConfig.from_json(stored)
-            if config is not None and config != stored_config:
-                probe.close()
-                raise ValueError(f"Policy: config differs from the one stored in {db} in "
-                                 f"{config.differences_from(stored_config)}; pass config=None to resume with it")
-            config = stored_config
-        config = config or PolicyConfig()
-        probe.close()
+        fresh = config or PolicyConfig()
+
+        def initial_rows(store: Store) -> None:  # a new database: written with its schema, in one transaction
+            store.set_meta("config", fresh.to_json())
+            store.set_meta("seq", 0)
+            store.set_meta("load", LoadState().to_dict())
+
+        store = Store(db, clock=clock, readonly=readonly, on_create=initial_rows)
+        try:
+            stored = store.get_meta("config")
+            if stored is None:  # schema written, config not yet (an older haltwise crashed in between)
+                if readonly:
+                    raise PolicyDatabaseError(f"policy database {db} holds no config yet (never used)")
+                with store.transaction():
+                    initial_rows(store)
+                config = fresh
+            else:
+                stored_config = PolicyConfig.from_json(stored)
+                if config is not None and config != stored_config:
+                    raise ValueError(f"Policy: config differs from the one stored in {db} in "
+                                     f"{config.differences_from(stored_config)}; pass config=None to resume with it")
+                config = stored_config
+            store.set_synchronous(config.synchronous)
+        except BaseException:
+            store.close()
+            raise
         self.config = config
-        self.store = Store(db, synchronous=config.synchronous, clock=clock)
-        if stored is None:
-            with self.store.transaction():
-                self.store.set_meta("schema", SCHEMA_VERSION)
-                self.store.set_meta("config", config.to_json())
-                self.store.set_meta("seq", 0)
-                self.store.set_meta("load", LoadState().to_dict())
-        elif self.store.get_meta("schema") != SCHEMA_VERSION:
-            raise ValueError(f"Policy: {db} has schema {self.store.get_meta('schema')}, expected {SCHEMA_VERSION}")
+        self.store = store
         self._levels = quantile_levels(config.grid_size, config.grid_low, config.grid_high)
         self._load()
 
     @classmethod
-    def open(cls, db, *, clock=time.time) -> "Policy":
-        """Resume the policy stored in `db` (an existing database), with its config."""
+    def open(cls, db, *, clock=time.time, readonly: bool = False) -> "Policy":
+        """Resume the policy stored in `db` (an existing database), with its
+        config. readonly: read without writing (reports; works on a read-only
+        file and while another process writes); calls that write raise
+        PolicyDatabaseError."""
         from pathlib import Path
 
         if str(db) != ":memory:" and not Path(db).exists():
             raise FileNotFoundError(f"Policy.open: db {db} does not exist")
-        policy = cls(None, db=db, clock=clock)
+        policy = cls(None, db=db, clock=clock, readonly=readonly)
         return policy
+
+    @contextmanager
+    def _write(self):
+        """One public call's transaction. The in-memory state is rebuilt from
+        the database first if another process committed since our last call,
+        and after a failure (the transaction rolled back)."""
+        undo: list = []  # the body may push a cheap undo of the in-memory state; else a failure reloads it
+        try:
+            with self.store.transaction():
+                if self.store.changed_elsewhere():
+                    self._load()
+                yield undo
+        except BaseException:
+            if undo:
+                undo[-1]()
+            elif not self.store.readonly:
+                self._load()
+            raise
+
+    def _snapshot(self, names: list[str]) -> Callable[[], None]:
+        """An undo of what planning changes in memory: the request counter and
+        the buckets on one path (created or updated)."""
+        seq, persisted = self._seq, set(self._persisted)
+        saved = {name: {**self._buckets[name].to_dict(), "grid": self._buckets[name].grid}
+                 if name in self._buckets else None for name in names}
+
+        def undo() -> None:
+            self._seq, self._persisted = seq, persisted
+            for name, state in saved.items():
+                if state is None:
+                    self._buckets.pop(name, None)
+                    self._evidence.pop(name, None)
+                else:
+                    self._buckets[name] = BucketState.from_dict(state)
+        return undo
+
+    def _refresh(self) -> None:
+        """Before a report: catch up with what other processes committed."""
+        if self.store.changed_elsewhere():
+            self._load()
 
     def close(self) -> None:
         with self._lock:
@@ -301,7 +359,7 @@ class Policy:
     # ---- planning ---------------------------------------------------------------------
 
     def plan(self, request_id: int, key=None, *, base: StopConfig | None = None,
-             control: bool | None = None) -> Plan:
+             control: bool | None = None, admit: Callable[[Plan], None] | None = None) -> Plan:
         """The plan of a new request.
 
         request_id: int, unique over the policy's life
@@ -312,6 +370,10 @@ class Policy:
         control: True forces a control plan (for replaying recorded uncut runs
             whose problems are a random sample, e.g. a benchmark's no-cut run);
             None: the control slice decides
+        admit: called with the Plan before it is recorded, inside the same
+            transaction (e.g. queueing its traces); if it raises, nothing of
+            the plan is kept (the request_id may be planned again) and the
+            exception propagates
         """
         request_id = check_int("plan", "request_id", request_id)
         parts = normalize_key(key)
@@ -324,12 +386,14 @@ class Policy:
         with self._lock:
             if self.store.request(request_id) is not None:
                 raise ValueError(f"plan: request_id {request_id} was already planned")
-            try:
-                with self.store.transaction():
-                    return self._plan(request_id, parts, base, control)
-            except BaseException:
-                self._load()
-                raise
+            with self._write() as undo:
+                if self.store.request(request_id) is not None:  # planned by another process meanwhile
+                    raise ValueError(f"plan: request_id {request_id} was already planned")
+                undo.append(self._snapshot(path_of(parts)))
+                plan = self._plan(request_id, parts, base, control)
+                if admit is not None:
+                    admit(plan)
+                return plan
 
     def _bucket(self, name: str) -> BucketState:
         bucket = self._buckets.get(name)
@@ -457,32 +521,33 @@ class Policy:
             raise TypeError(f"observe: traces must be a sequence, got {type(traces).__name__}")
         outcomes = self._as_outcomes(traces, answers)
         with self._lock:
-            row = self.store.request(request_id)
-            if row is None:
-                raise ValueError(f"observe: request_id {request_id} was never planned")
-            if row["observed"]:
-                raise ValueError(f"observe: request_id {request_id} was already observed")
-            if row["cancelled"]:
-                raise ValueError(f"observe: request_id {request_id} was cancelled")
-            if row["kind"] in ("warmup", "control"):
-                if len(outcomes) != row["traces"]:
-                    raise ValueError(f"observe: a {row['kind']} request must report all its {row['traces']} traces, "
-                                     f"got {len(outcomes)}")
-                missing = [i for i, t in enumerate(outcomes) if t.signal is None]
-                if missing:
-                    raise ValueError(f"observe: a {row['kind']} request needs every trace's signal "
-                                     f"(record_signals); traces {missing[:5]} have none")
-                bad = [i for i, t in enumerate(outcomes) if t.signal is not None and len(t.signal) != t.num_tokens]
-                if bad:
-                    i = bad[0]
-                    raise ValueError(f"observe: traces[{i}].signal must have num_tokens={outcomes[i].num_tokens} "
-                                     f"values, got {len(outcomes[i].signal)}")
-            try:
-                with self.store.transaction():
-                    return self._observe(row, outcomes)
-            except BaseException:
-                self._load()
-                raise
+            self._check_observe(request_id, self.store.request(request_id), outcomes)  # before any transaction
+            with self._write():
+                row = self.store.request(request_id)  # again: another process may have observed it meanwhile
+                self._check_observe(request_id, row, outcomes)
+                return self._observe(row, outcomes)
+
+    @staticmethod
+    def _check_observe(request_id: int, row: dict | None, outcomes: list[TraceOutcome]) -> None:
+        if row is None:
+            raise ValueError(f"observe: request_id {request_id} was never planned")
+        if row["observed"]:
+            raise ValueError(f"observe: request_id {request_id} was already observed")
+        if row["cancelled"]:
+            raise ValueError(f"observe: request_id {request_id} was cancelled")
+        if row["kind"] in ("warmup", "control"):
+            if len(outcomes) != row["traces"]:
+                raise ValueError(f"observe: a {row['kind']} request must report all its {row['traces']} traces, "
+                                 f"got {len(outcomes)}")
+            missing = [i for i, t in enumerate(outcomes) if t.signal is None]
+            if missing:
+                raise ValueError(f"observe: a {row['kind']} request needs every trace's signal "
+                                 f"(record_signals); traces {missing[:5]} have none")
+            bad = [i for i, t in enumerate(outcomes) if t.signal is not None and len(t.signal) != t.num_tokens]
+            if bad:
+                i = bad[0]
+                raise ValueError(f"observe: traces[{i}].signal must have num_tokens={outcomes[i].num_tokens} "
+                                 f"values, got {len(outcomes[i].signal)}")
 
     def _as_outcomes(self, traces: Sequence, answers) -> list[TraceOutcome]:
         if answers is not None and len(answers) != len(traces):
@@ -683,33 +748,32 @@ class Policy:
             if source != "label":
                 raise ValueError("feedback: reference is only for source='label'")
         with self._lock:
-            row = self.store.request(request_id)
-            if row is None:
-                raise ValueError(f"feedback: request_id {request_id} was never planned")
-            if reference is not None and row["observed"]:
-                served = row["served_answer"]
-                if (served is not None and served == reference) != correct:
-                    raise ValueError(f"feedback: correct={correct} contradicts reference={reference} for the "
-                                     f"served answer {served}")
-            try:
-                with self.store.transaction():
-                    self._feedback(row, correct, source, weight, reference)
-            except BaseException:
-                self._load()
-                raise
+            self._check_feedback(request_id, self.store.request(request_id), correct, reference)
+            with self._write():
+                row = self.store.request(request_id)  # again, inside the transaction: the current counters
+                self._check_feedback(request_id, row, correct, reference)
+                self._feedback(row, correct, source, weight, reference)
+
+    @staticmethod
+    def _check_feedback(request_id: int, row: dict | None, correct: bool, reference: int | None) -> None:
+        if row is None:
+            raise ValueError(f"feedback: request_id {request_id} was never planned")
+        if reference is not None and row["observed"]:
+            served = row["served_answer"]
+            if (served is not None and served == reference) != correct:
+                raise ValueError(f"feedback: correct={correct} contradicts reference={reference} for the "
+                                 f"served answer {served}")
 
     def _feedback(self, row: dict, correct: bool, source: str, weight: float, reference: int | None) -> None:
         rid = row["request_id"]
         self.store.add_feedback(rid, correct, source, weight, reference)
         first_label = source == "label" and row["label"] is None
         if source == "label":
-            update = dict(label=int(correct), reference=reference if reference is not None else row["reference"])
-        elif correct:
-            update = dict(user_good=row["user_good"] + weight)
-        else:
-            update = dict(user_bad=row["user_bad"] + weight)
-        self.store.update_request(rid, **update)
-        row.update(update)
+            self.store.update_request(rid, label=int(correct),
+                                      reference=reference if reference is not None else row["reference"])
+        else:  # a user report adds up, in SQL: a report from another process is never overwritten
+            self.store.add_to_request(rid, "user_good" if correct else "user_bad", weight)
+        row.update(self.store.request(rid))
         if not row["observed"]:
             return  # applied when the request is observed
         names = path_of(normalize_key(row["bucket"]))
@@ -766,17 +830,16 @@ class Policy:
             row = self.store.request(request_id)
             if row is None or row["observed"] or row["cancelled"]:
                 return False
-            try:
-                with self.store.transaction():
-                    self.store.update_request(request_id, cancelled=1)
-                    for name in path_of(normalize_key(row["bucket"])):
-                        bucket = self._bucket(name)
-                        if request_id in bucket.warmup_planned and not bucket.frozen:
-                            bucket.warmup_planned.remove(request_id)
-                            self._persist(bucket)
-            except BaseException:
-                self._load()
-                raise
+            with self._write():
+                row = self.store.request(request_id)
+                if row["observed"] or row["cancelled"]:  # another process got there first
+                    return False
+                self.store.update_request(request_id, cancelled=1)
+                for name in path_of(normalize_key(row["bucket"])):
+                    bucket = self._bucket(name)
+                    if request_id in bucket.warmup_planned and not bucket.frozen:
+                        bucket.warmup_planned.remove(request_id)
+                        self._persist(bucket)
             return True
 
     # ---- the test ---------------------------------------------------------------------
@@ -980,29 +1043,23 @@ class Policy:
         """One observation of the serving figures (load.py: hysteresis).
         Returns whether the policy is now in overload mode."""
         with self._lock:
-            before = LoadState.from_dict(self._monitor.state.to_dict())
-            try:
-                with self.store.transaction():
-                    overload, switched = self._monitor.observe(queue_depth=queue_depth, p95_latency_s=p95_latency_s,
-                                                               kv_utilization=kv_utilization)
-                    self.store.set_meta("load", self._monitor.state.to_dict())
-                    if switched:
-                        s = self._monitor.state
-                        self.store.add_audit(
-                            self._seq, "", "overload", not overload, overload,
-                            {"figures": s.last, "slos": self._monitor.slos,
-                             "exit_fraction": self.config.exit_fraction, "observations": s.observations},
-                            "overload: a figure stayed above its SLO" if overload else
-                            "load fell: every figure stayed under exit_fraction x its SLO; normal budget again")
-                        if overload:
-                            for bucket in self._buckets.values():
-                                if bucket.overload_ready:
-                                    self._enter_overload_values(bucket)
-                                    self._persist(bucket)
-            except BaseException:
-                self._monitor.state = before
-                self._load()
-                raise
+            with self._write():
+                overload, switched = self._monitor.observe(queue_depth=queue_depth, p95_latency_s=p95_latency_s,
+                                                           kv_utilization=kv_utilization)
+                self.store.set_meta("load", self._monitor.state.to_dict())
+                if switched:
+                    s = self._monitor.state
+                    self.store.add_audit(
+                        self._seq, "", "overload", not overload, overload,
+                        {"figures": s.last, "slos": self._monitor.slos,
+                         "exit_fraction": self.config.exit_fraction, "observations": s.observations},
+                        "overload: a figure stayed above its SLO" if overload else
+                        "load fell: every figure stayed under exit_fraction x its SLO; normal budget again")
+                    if overload:
+                        for bucket in self._buckets.values():
+                            if bucket.overload_ready:
+                                self._enter_overload_values(bucket)
+                                self._persist(bucket)
             return overload
 
     @property
@@ -1017,27 +1074,24 @@ class Policy:
         parts = normalize_key(key)
         on = check_bool("set_shadow", "on", on)
         with self._lock:
-            try:
-                with self.store.transaction():
-                    names = path_of(parts)
-                    for name in names:
-                        self._bucket(name)
-                    bucket = self._buckets[names[-1]]
-                    if bucket.shadow != on:
-                        self.store.add_audit(self._seq, bucket.name, "shadow", bucket.shadow, on, {},
-                                             "operator" + (": shadow on, nothing is cut" if on else ": shadow off"))
-                        bucket.shadow = on
-                    for name in names:
-                        self._persist(self._buckets[name])
-            except BaseException:
-                self._load()
-                raise
+            with self._write():
+                names = path_of(parts)
+                for name in names:
+                    self._bucket(name)
+                bucket = self._buckets[names[-1]]
+                if bucket.shadow != on:
+                    self.store.add_audit(self._seq, bucket.name, "shadow", bucket.shadow, on, {},
+                                         "operator" + (": shadow on, nothing is cut" if on else ": shadow off"))
+                    bucket.shadow = on
+                for name in names:
+                    self._persist(self._buckets[name])
 
     # ---- reports ----------------------------------------------------------------------
 
     def thresholds(self) -> dict[str, dict]:
         """Per bucket: readiness, the values in force (normal and overload) and the evidence counts."""
         with self._lock:
+            self._refresh()
             out = {}
             for name, b in sorted(self._buckets.items()):
                 out[name] = {
@@ -1055,6 +1109,7 @@ class Policy:
         """Everything `haltwise policy show` prints."""
         cfg = self.config
         with self._lock:
+            self._refresh()
             buckets = {}
             for name, b in sorted(self._buckets.items()):
                 entry = self.thresholds()[name]
@@ -1101,6 +1156,7 @@ class Policy:
         restarts): request counter, buckets, load, evidence per bucket,
         feedback count."""
         with self._lock:
+            self._refresh()
             return {
                 "seq": self._seq,
                 "buckets": {name: b.to_dict() for name, b in sorted(self._buckets.items())},

@@ -17,7 +17,7 @@ DeepConf start; pass a policy already calibrated (e.g. by
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..decoding.loop import DecodeLoop
 from ..decoding.parallel import (VOTING_REASONS, EarlyStopSettings, ParallelSampler, ProblemResult, RunResult,
@@ -29,7 +29,7 @@ from .policy import Policy, TraceOutcome
 
 
 def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *,
-                 key: Callable[[object], str | None] = lambda problem: None, max_new_tokens: int = 256,
+                 key: Callable[[Any], str | None] = lambda problem: None, max_new_tokens: int = 256,
                  chunk: int = 64, request_offset: int = 0, label: Callable[[int], bool] = lambda index: True,
                  name: str = "(d) adaptive policy",
                  progress: Callable[[int], None] | None = None) -> RunResult:
@@ -83,7 +83,7 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
 
 
 def calibrate_from_run(policy: Policy, run: RunResult, problems: Sequence, *,
-                       key: Callable[[object], str | None] = lambda problem: None, request_offset: int = 0) -> int:
+                       key: Callable[[Any], str | None] = lambda problem: None, request_offset: int = 0) -> int:
     """Feeds an uncut run recorded with ``record_signals`` (bench run (a)) to
     the policy as forced control requests with their labels, so the policy
     starts certified. The run's problems should be a random sample of the

@@ -2,6 +2,17 @@
 call, so a process killed at any instant restarts exactly at the last call
 that returned, and nothing acknowledged (a call that returned) is lost.
 
+Opening
+-------
+A database is created only where no file exists. An existing file is used
+only once it has been checked: a SQLite file (not empty), SQLite's quick
+integrity check passes, every table below is there and ``meta.schema`` is
+SCHEMA_VERSION. Anything else raises :class:`PolicyDatabaseError` naming the
+path and what was found, and the file is left as it was (no schema written,
+journal mode unchanged). ``readonly=True`` opens it read-only (a
+``mode=ro`` URI): it works on a read-only file and while another process
+writes (WAL readers never wait for the writer).
+
 Tables
 ------
 meta      key -> JSON value: schema version, config, request counter, load state
@@ -23,11 +34,19 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 SCHEMA_VERSION = 1
+TABLES = ("meta", "buckets", "requests", "traces", "evidence", "feedback", "audit")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class PolicyDatabaseError(ValueError):
+    """A file that is not a usable haltwise policy database (empty, not
+    SQLite, another program's database, another schema version, damaged),
+    or a write through a read-only opening."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -101,24 +120,76 @@ CREATE TABLE IF NOT EXISTS audit (
 
 
 class Store:
-    """One SQLite connection (``path`` or ":memory:"). Not shared between
-    processes: one policy process owns a database."""
+    """One SQLite connection (``path`` or ":memory:").
 
-    def __init__(self, path: str | os.PathLike = ":memory:", *, synchronous: str = "FULL", clock=time.time):
+    path: where no file exists, a new database is created (its folder too);
+        an existing file must be a haltwise policy database (module
+        docstring), else PolicyDatabaseError.
+    readonly: open an existing database read-only; writes raise
+        PolicyDatabaseError.
+    on_create: called with the store inside the transaction that creates a
+        new database (the caller's initial rows).
+
+    Several processes may open one database: every write is one
+    ``BEGIN IMMEDIATE`` transaction, and :meth:`changed_elsewhere` tells a
+    caller holding state in memory that another connection committed since
+    its last look."""
+
+    def __init__(self, path: str | os.PathLike = ":memory:", *, synchronous: str = "FULL", clock=time.time,
+                 readonly: bool = False, on_create: Callable[["Store"], None] | None = None):
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per public call
-        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute(f"PRAGMA synchronous={synchronous}")
-        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.readonly = bool(readonly)
         self.clock = clock
         self._depth = 0
-        with self.transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self.conn.execute(statement)
+        memory = self.path == ":memory:"
+        if self.readonly and (memory or not Path(self.path).exists()):
+            raise PolicyDatabaseError(f"policy database {self.path} does not exist (read-only opening)")
+        create = memory or not Path(self.path).exists()
+        if create:
+            if not memory:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        else:
+            _check_file(self.path)
+            uri = Path(self.path).resolve().as_uri() + ("?mode=ro" if self.readonly else "?mode=rw")
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per public call
+            self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            self.conn.execute("PRAGMA busy_timeout=5000")
+            if create:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute(f"PRAGMA synchronous={synchronous}")
+                with self.transaction():
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self.conn.execute(statement)
+                    self.set_meta("schema", SCHEMA_VERSION)
+                    if on_create is not None:
+                        on_create(self)
+            else:
+                _check_contents(self.conn, self.path)
+                if not self.readonly:
+                    self.conn.execute("PRAGMA journal_mode=WAL")
+                    self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        except BaseException:
+            self.conn.close()
+            raise
+        self._data_version = self._read_data_version()
+
+    def set_synchronous(self, synchronous: str) -> None:
+        if not self.readonly:
+            self.conn.execute(f"PRAGMA synchronous={synchronous}")
+
+    def _read_data_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def changed_elsewhere(self) -> bool:
+        """Whether another connection (another process) committed since the
+        last call; call it inside a transaction to rebuild state it derives."""
+        version = self._read_data_version()
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
 
     @property
     def journal_mode(self) -> str:
@@ -127,6 +198,8 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an exception); nests as one."""
+        if self.readonly:
+            raise PolicyDatabaseError(f"policy database {self.path} is open read-only; this call writes")
         if self._depth:
             self._depth += 1
             try:
@@ -181,6 +254,12 @@ class Store:
     def add_request(self, row: dict) -> None:
         cols = ", ".join(row)
         self.conn.execute(f"INSERT INTO requests({cols}) VALUES({', '.join('?' for _ in row)})", tuple(row.values()))
+
+    def add_to_request(self, request_id: int, column: str, amount: float) -> None:
+        """column += amount, in SQL: no update from another process is lost."""
+        if column not in ("user_bad", "user_good"):
+            raise ValueError(f"add_to_request: column must be user_bad or user_good, got {column!r}")
+        self.conn.execute(f"UPDATE requests SET {column} = {column} + ? WHERE request_id = ?", (amount, request_id))
 
     def update_request(self, request_id: int, **values) -> None:
         sets = ", ".join(f"{name} = ?" for name in values)
@@ -261,3 +340,55 @@ class Store:
         out = [dict(id=r[0], at=r[1], seq=r[2], bucket=r[3], field=r[4], old=json.loads(r[5]),
                     new=json.loads(r[6]), evidence=json.loads(r[7]), reason=r[8]) for r in rows]
         return list(reversed(out))
+
+
+def _check_file(path: str) -> None:
+    """What can be told from the bytes: not empty, a SQLite file."""
+    p = Path(path)
+    if p.is_dir():
+        raise PolicyDatabaseError(f"policy database {path} is a directory, expected a SQLite file")
+    with open(p, "rb") as f:
+        header = f.read(len(_SQLITE_HEADER))
+    if not header:
+        wal = Path(path + "-wal")
+        if not (wal.exists() and wal.stat().st_size):
+            raise PolicyDatabaseError(
+                f"policy database {path} is an empty file (0 bytes), not a haltwise policy database; a new "
+                f"database is created only where no file exists")
+    elif header != _SQLITE_HEADER:
+        raise PolicyDatabaseError(f"policy database {path} is not a SQLite database (it starts with {header!r})")
+
+
+def _check_contents(conn: sqlite3.Connection, path: str) -> None:
+    """SQLite's quick integrity check, then the tables and the schema version. Writes nothing."""
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as e:
+        raise PolicyDatabaseError(f"policy database {path} fails SQLite's integrity check: {e}") from None
+    if problems != ["ok"]:
+        lines = [line.strip() for p in problems for line in str(p).splitlines()
+                 if line.strip() and not line.startswith("***")]
+        raise PolicyDatabaseError(f"policy database {path} fails SQLite's integrity check (quick_check): "
+                                  f"{'; '.join(lines[:3])}{'; ...' if len(lines) > 3 else ''}")
+    try:
+        tables = sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                        if not row[0].startswith("sqlite_"))
+    except sqlite3.DatabaseError as e:
+        raise PolicyDatabaseError(f"policy database {path} cannot be read: {e}") from None
+    missing = [t for t in TABLES if t not in tables]
+    if "meta" in missing:
+        found = f"its tables are {tables}" if tables else "it has no tables"
+        raise PolicyDatabaseError(f"policy database {path} is a SQLite database but not a haltwise policy database "
+                                  f"({found}; expected {list(TABLES)})")
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    try:
+        version = None if row is None else json.loads(row[0])
+    except ValueError:
+        version = row[0]
+    if version != SCHEMA_VERSION:
+        found = "no schema version" if row is None else f"schema version {version!r}"
+        raise PolicyDatabaseError(f"policy database {path} has {found}; this haltwise reads schema version "
+                                  f"{SCHEMA_VERSION}")
+    if missing:
+        raise PolicyDatabaseError(f"policy database {path} lacks the tables {missing} of schema version "
+                                  f"{SCHEMA_VERSION}")

@@ -26,6 +26,7 @@ confidence, margin, top-20 confidence).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,7 @@ def synthetic_bank(problems: int = 200, traces: int = 32, *, seed: int = 0, max_
         hard = rng.poisson(0.55 * (d - 1.5))
         for j in rng.choice(len(decisions), size=min(hard, len(decisions)), replace=False):
             right_p[j] = rng.uniform(0.25, 0.97)
-        problem = {
+        problem: dict[str, Any] = {
             "length": length,
             "decisions": decisions,
             "right_p": right_p,

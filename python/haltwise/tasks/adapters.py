@@ -6,9 +6,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
 
 from . import arith
+
+# Generated token ids: a list, or the int64 array of a Finished record.
+TokenIds = Union[Sequence[int], npt.NDArray[np.int64]]
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -28,7 +34,7 @@ class ArithTask:
     def prompt_ids(self, problem: arith.Problem) -> list[int]:
         return arith.prompt_ids(problem)
 
-    def answer_of(self, token_ids: Sequence[int]) -> int | None:
+    def answer_of(self, token_ids: TokenIds) -> int | None:
         return answer_key(arith.extract_answer(arith.decode(token_ids)))
 
     def reference(self, problem: arith.Problem) -> int:
@@ -59,18 +65,34 @@ class JsonlTask:
     ids; decode: ids -> str). The answer of a trace is the last integer of its
     text."""
 
-    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str],
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[TokenIds], str],
                  eos_ids: Sequence[int]):
         self.encode, self.decode = encode, decode
         self.eos_ids = tuple(eos_ids)
 
     @staticmethod
     def load(path: str | Path) -> list[JsonlProblem]:
+        """The problems of a JSONL file; ValueError naming the file and the
+        line (1-based) of the first bad one, FileNotFoundError if missing."""
+        data = Path(path).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); expected one JSON "
+                             f"object per line") from None
         problems = []
-        for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                kind = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+                        type(None): "null"}.get(type(row), type(row).__name__)
+                raise ValueError(f'{path}:{n}: each line must be a JSON object {{"prompt": str, "answer": int}}, '
+                                 f"got {kind}")
             if not isinstance(row.get("prompt"), str) or isinstance(row.get("answer"), bool) \
                     or not isinstance(row.get("answer"), int):
                 raise ValueError(f"{path}:{n}: each line needs a string 'prompt' and an int 'answer', got {row!r}")
@@ -82,7 +104,7 @@ class JsonlTask:
     def prompt_ids(self, problem: JsonlProblem) -> list[int]:
         return self.encode(problem.prompt)
 
-    def answer_of(self, token_ids: Sequence[int]) -> int | None:
+    def answer_of(self, token_ids: TokenIds) -> int | None:
         return answer_key(last_integer(self.decode(token_ids)))
 
     def reference(self, problem: JsonlProblem) -> int:
