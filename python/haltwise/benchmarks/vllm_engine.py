@@ -20,6 +20,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from typing import Any
 
 KEYS = ("uncut", "deepconf_cut", "cut_waves_consensus")
 
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
         print(f"{key:22s} tokens {run.tokens:8d}  saved {row['saved']:6.1%}  vote EM {run.em:.3f} "
               f"({diff * 100:+.1f} +- {se * 100:.1f} points)  single {run.em_single:.3f}  {row['wall_s']:.0f} s  "
               f"{row['tokens_per_s']:.0f} tok/s", flush=True)
-    payload = {"engine": "vllm", "config": vars(args), "runs": runs}
+    payload: dict[str, Any] = {"engine": "vllm", "config": vars(args), "runs": runs}
     if not args.skip_throughput:
         sub = problems[: args.throughput_problems]
         never = {"haltwise": {"low_conf_signal": "logprob", "low_conf_threshold": -1e30, "window": cfg.window}}
