@@ -25,7 +25,7 @@ def llm():
                       dtype="float32", max_model_len=144, max_num_seqs=64, seed=0,
                       logits_processors=[HaltwiseLogitsProcessor], enforce_eager=True)
     yield engine
-    del engine
+    engine.llm_engine.engine_core.shutdown()  # stop the engine process and close its sockets now
 
 
 def params(seed, haltwise=None, **kw):
