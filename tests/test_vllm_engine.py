@@ -91,7 +91,7 @@ def test_greedy_decoding_matches_haltwise_own_model(llm):
 def test_bad_settings_are_refused_naming_the_key(llm):
     from vllm.exceptions import VLLMValidationError
 
-    with pytest.raises(VLLMValidationError, match="window must be >= 1, got 0"):
+    with pytest.raises(VLLMValidationError, match=r"window must be .*got 0"):
         llm.generate(PROMPTS[:1], params(0, {"window": 0}), use_tqdm=False)
     with pytest.raises(VLLMValidationError, match=r"unknown key\(s\) \['treshold'\]"):
         llm.generate(PROMPTS[:1], params(0, {"treshold": 1.0}), use_tqdm=False)

@@ -9,7 +9,9 @@ stops each request early on haltwise's stop rules.
         "low_conf_signal": "logprob", "low_conf_threshold": -2.0, "window": 16, "min_new_tokens": 16}})
 
 or ``vllm serve MODEL --logits-processors haltwise.integrations.vllm:HaltwiseLogitsProcessor``
-with ``"vllm_xargs": {"haltwise": {...}}`` in the request body.
+with ``"vllm_xargs": {"haltwise": "{\"low_conf_threshold\": -2.0}"}`` in the request body (the
+server's vllm_xargs hold no nested objects, so there the settings are a JSON object string;
+``extra_args`` takes a dict or that string).
 
 Per-request settings (``SamplingParams.extra_args["haltwise"]``), all optional:
 ``low_conf_signal``, ``low_conf_threshold``, ``window``, ``min_new_tokens`` (those

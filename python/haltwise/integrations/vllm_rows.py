@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import math
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..scheduler import Scheduler, StopConfig, StopReason, check_int
+from ..scheduler import MAX_NEW_TOKENS, Scheduler, StopConfig, StopReason, check_int
 from ..signals import signals
 from ..signals_types import MAX_TOP_K_CONF
 from ..stepper import HostSignals
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 EXTRA_ARGS_KEY = "haltwise"
 SETTING_KEYS = ("low_conf_signal", "low_conf_threshold", "window", "min_new_tokens", "top_k_conf")
-_NO_LIMIT = 2**62  # max_tokens is vLLM's to enforce
+_NO_LIMIT = MAX_NEW_TOKENS  # max_tokens is vLLM's to enforce
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,11 @@ def parse_settings(params) -> HaltwiseSettings | None:
         return None
     where = f"extra_args[{EXTRA_ARGS_KEY!r}]"
     cfg = extra[EXTRA_ARGS_KEY]
+    if isinstance(cfg, str):  # the OpenAI server's vllm_xargs hold no nested objects: a JSON string then
+        try:
+            cfg = json.loads(cfg)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} must be a dict or a JSON object string, got a string that is not JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{where} must be a dict with keys among {SETTING_KEYS}, got {type(cfg).__name__}")
     unknown = sorted(set(cfg) - set(SETTING_KEYS))
