@@ -110,8 +110,9 @@ class VLLMParallelSampler:
       in-flight traces are ended through vLLM's own ``abort_request`` (reason
       GROUP_CONSENSUS, their tokens so far counted) and the rest never start.
     * A trace whose end token the processor forced is told apart from one that ended on
-      its own by replaying the rule on its returned logprobs (``tracebank.cut_length``):
-      it gets reason LOW_CONFIDENCE and does not vote, as in the haltwise loop.
+      its own by replaying the rule on its returned logprobs (``tracebank.cut_length``:
+      the rule fired on a token before the last one): it gets reason LOW_CONFIDENCE and
+      does not vote, as in the haltwise loop.
     """
 
     def __init__(self, llm, task, *, temperature: float = 1.0, seed: int = 0, top_k_conf: int = 20):
@@ -181,9 +182,11 @@ class VLLMParallelSampler:
             if settings.signal != "logprob" or len(values) != len(token_ids):
                 values = np.full(len(token_ids), math.nan)
             threshold = thresholds[p] if k >= warmup else None
+            # the rule fired on some token before the last: the processor forced the end token
+            # (at the next step, or one later when async scheduling delays the token's value)
             if (reason == StopReason.EOS and threshold is not None and len(values) >= 2
                     and cut_length(values[:-1], threshold, window=settings.window, min_new_tokens=settings.window,
-                                   last_evaluated=True) == len(values) - 1):
+                                   last_evaluated=True) is not None):
                 reason = StopReason.LOW_CONFIDENCE
             answer = self.task.answer_of(token_ids) if reason in VOTING_REASONS else None
             lwm = lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window)
