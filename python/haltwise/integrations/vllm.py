@@ -93,6 +93,15 @@ class HaltwiseLogitsProcessor(LogitsProcessor):
         return self.table.apply(logits)
 
 
+# The warm-up thresholds come from vLLM's logprobs (log_softmax), the rule runs on the
+# processor's (x[token] - logsumexp from the fused pass): the two differ by float32
+# rounding (~1e-6). This model decodes many traces token for token alike, whose lowest
+# window mean then equals the threshold; haltwise's own loop, where both sides are the
+# same numbers, keeps them (the rule is strict). Lowering the threshold by this margin
+# keeps them here too instead of cutting them on rounding.
+ROUNDING_MARGIN = 1e-4
+
+
 class VLLMParallelSampler:
     """K traces per problem on a vLLM engine, under the same :class:`EarlyStopSettings`
     (warm-up thresholds, waves, consensus rules, votes) as haltwise's own
@@ -148,7 +157,7 @@ class VLLMParallelSampler:
         stats = LoopStats()
 
         def add(p: int, k: int) -> None:
-            threshold = thresholds[p] if k >= warmup else None
+            threshold = thresholds[p] - ROUNDING_MARGIN if k >= warmup and thresholds[p] is not None else None
             extra = None
             if threshold is not None:
                 extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
@@ -181,7 +190,7 @@ class VLLMParallelSampler:
             values = np.array([lp[t].logprob for t, lp in zip(token_ids, logprobs or [])], dtype=np.float64)
             if settings.signal != "logprob" or len(values) != len(token_ids):
                 values = np.full(len(token_ids), math.nan)
-            threshold = thresholds[p] if k >= warmup else None
+            threshold = thresholds[p] - ROUNDING_MARGIN if k >= warmup and thresholds[p] is not None else None
             # the rule fired on some token before the last: the processor forced the end token
             # (at the next step, or one later when async scheduling delays the token's value)
             if (reason == StopReason.EOS and threshold is not None and len(values) >= 2
