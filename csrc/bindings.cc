@@ -1,5 +1,5 @@
 // The module haltwise._core: the fused CPU signal kernel and Philox here, the
-// scheduler in bindings/py_scheduler.cc, its plan types in bindings/plan_types.cc.
+// scheduler in csrc/bindings/py_scheduler.cc, its plan types in csrc/bindings/plan_types.cc.
 // The binding files turn Python arguments into the plain C++ calls of
 // csrc/*.h, translate errors (std::invalid_argument -> ValueError) and
 // release the GIL around every call that loops over data.

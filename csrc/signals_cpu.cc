@@ -10,6 +10,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) && defined(HALTWISE_HAVE_X86_ISAS)
+#include <cpuid.h>
+#endif
+
 #include "float16.h"
 #include "signals_cpu_partial.h"
 #include "thread_pool.h"
@@ -24,18 +28,45 @@ struct Isa {
   const char* name;
 };
 
+#if defined(__x86_64__) && defined(HALTWISE_HAVE_X86_ISAS)
+// What this CPU and its operating system can run, read with CPUID and XGETBV
+// directly. __builtin_cpu_supports is not used: it reads a table that the
+// compiler's runtime library fills in, and some runtimes leave it empty (the
+// compiler-rt that zig links, for one, stubs __cpu_indicator_init out), which
+// silently sent every call to the generic kernel.
+struct X86Features {
+  bool avx2 = false;    // AVX2 + FMA + F16C, YMM state enabled by the OS
+  bool avx512 = false;  // AVX-512 F/BW/DQ/VL on top of that, ZMM state enabled by the OS
+};
+
+X86Features detect_x86() {
+  X86Features f;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(1, 0, eax, ebx, ecx, edx);
+  const bool osxsave = ecx & bit_OSXSAVE, avx = ecx & bit_AVX, fma = ecx & bit_FMA, f16c = ecx & bit_F16C;
+  if (!osxsave || !avx) return f;
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const bool ymm_state = (xcr0_lo & 0x6) == 0x6;    // SSE + AVX registers saved
+  const bool zmm_state = (xcr0_lo & 0xe6) == 0xe6;  // ... + opmask, ZMM0-15 high, ZMM16-31
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  f.avx2 = ymm_state && fma && f16c && (ebx & bit_AVX2);
+  f.avx512 = f.avx2 && zmm_state && (ebx & bit_AVX512F) && (ebx & bit_AVX512BW) && (ebx & bit_AVX512DQ) &&
+             (ebx & bit_AVX512VL);
+  return f;
+}
+#endif
+
 // The widest instruction set this CPU runs, or a narrower one named by the
 // environment variable HALTWISE_CPU_ISA (generic / avx2 / avx512), for tests.
 Isa pick_isa() {
   const char* env = std::getenv("HALTWISE_CPU_ISA");
   const std::string wanted = env ? env : "";
 #if defined(__x86_64__) && defined(HALTWISE_HAVE_X86_ISAS)
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512 && (wanted.empty() || wanted == "avx512")) return {isa_avx512::signals_segment, "avx512"};
-  if (avx2 && wanted != "generic") return {isa_avx2::signals_segment, "avx2"};
+  const X86Features cpu = detect_x86();
+  if (cpu.avx512 && (wanted.empty() || wanted == "avx512")) return {isa_avx512::signals_segment, "avx512"};
+  if (cpu.avx2 && wanted != "generic") return {isa_avx2::signals_segment, "avx2"};
 #endif
   return {isa_generic::signals_segment, "generic"};
 }

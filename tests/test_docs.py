@@ -32,7 +32,7 @@ SKIPPED_PATHS = {os.path.join("python", "haltwise", "kernels")}
 CITED_SUFFIXES = "md|h|cc|py|pyi|json|toml|sh|npz|safetensors|png|txt"
 # a path: optional ../ prefixes, at least one directory, a known suffix; or a bare *.md name
 PATH_RE = re.compile(
-    rf"(?<![\w./$-])((?:\.\./)*(?:[\w.-]+/)+[\w.-]+\.(?:{CITED_SUFFIXES})|[\w.-]+\.md)(?![\w/])"
+    rf"(?<![\w./$-])((?:\.\./)*(?:[\w.][\w.-]*/)+[\w.-]+\.(?:{CITED_SUFFIXES})|[\w.][\w.-]*\.md)(?![\w/])"
 )
 # Names that are not repository files: paths the code writes or that a user chooses.
 NOT_REPOSITORY_FILES = {
@@ -58,8 +58,11 @@ def resolves(cited: str, citing_file: str) -> bool:
     the citing file's folder, or (for code in the package) to python/ or the
     package. A bare name (no folder) may be any scanned file of that name."""
     bases = [REPO, os.path.dirname(citing_file), os.path.join(REPO, "python"), os.path.join(REPO, "python", "haltwise")]
-    if any(os.path.exists(os.path.normpath(os.path.join(base, cited))) for base in bases):
-        return True
+    for base in bases:
+        full = os.path.normpath(os.path.join(base, cited))
+        # Only files inside the repository count: a clone may sit beside other folders.
+        if os.path.commonpath([full, REPO]) == REPO and os.path.exists(full):
+            return True
     return "/" not in cited and any(os.path.basename(f) == cited for f in scanned_files())
 
 
