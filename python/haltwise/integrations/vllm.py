@@ -156,8 +156,13 @@ class VLLMParallelSampler:
         thresholds: list[float | None] = [None] * len(problems)
         stats = LoopStats()
 
+        def threshold_of(p: int, k: int) -> float | None:
+            """The threshold a trace runs under: none in the warm-up, else the problem's minus the margin."""
+            base = thresholds[p]
+            return base - ROUNDING_MARGIN if k >= warmup and base is not None else None
+
         def add(p: int, k: int) -> None:
-            threshold = thresholds[p] - ROUNDING_MARGIN if k >= warmup and thresholds[p] is not None else None
+            threshold = threshold_of(p, k)
             extra = None
             if threshold is not None:
                 extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
@@ -190,7 +195,7 @@ class VLLMParallelSampler:
             values = np.array([lp[t].logprob for t, lp in zip(token_ids, logprobs or [])], dtype=np.float64)
             if settings.signal != "logprob" or len(values) != len(token_ids):
                 values = np.full(len(token_ids), math.nan)
-            threshold = thresholds[p] - ROUNDING_MARGIN if k >= warmup and thresholds[p] is not None else None
+            threshold = threshold_of(p, k)
             # the rule fired on some token before the last: the processor forced the end token
             # (at the next step, or one later when async scheduling delays the token's value)
             if (reason == StopReason.EOS and threshold is not None and len(values) >= 2
