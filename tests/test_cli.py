@@ -196,3 +196,10 @@ def test_replay_on_a_file_that_is_not_a_bank(tmp_path, capsys):
     path.write_bytes(b"not a zip file")
     assert main(["replay", "--bank", str(path), "--requests", "50"]) == 2
     _one_line_error(capsys, str(path))
+
+
+def test_bench_engine_vllm_refuses_options_it_cannot_honour(tmp_path, capsys):
+    rc = main(["bench", "--engine", "vllm", "--model", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--model is not supported with --engine vllm" in err and str(tmp_path) in err

@@ -1,10 +1,13 @@
 """The tiny transformer: cached decoding matches the uncached forward, cache surgery keeps
 the right rows, rows never interact, and the bundled weights load and solve problems."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from haltwise.models.gpt import DEFAULT_WEIGHTS, GPT, GPTConfig, KVCache, load_pretrained, save_pretrained
+from haltwise.models import BUNDLED_CHECKPOINT
+from haltwise.models.gpt import GPT, GPTConfig, KVCache, load_pretrained, save_pretrained
 from haltwise.tasks import arith
 
 ATOL = 1e-4
@@ -177,8 +180,10 @@ def test_save_and_load_round_trip(model, tmp_path):
 def test_bundled_weights_load_and_solve_eval_problems():
     from haltwise.models.evaluate import generate
 
-    assert DEFAULT_WEIGHTS.exists(), f"bundled weights missing at {DEFAULT_WEIGHTS}"
-    assert DEFAULT_WEIGHTS.stat().st_size <= 8 * 2**20
+    assert isinstance(BUNDLED_CHECKPOINT, Path)
+    weights = BUNDLED_CHECKPOINT / "model.safetensors"
+    assert (BUNDLED_CHECKPOINT / "config.json").is_file(), f"bundled checkpoint missing at {BUNDLED_CHECKPOINT}"
+    assert weights.stat().st_size <= 8 * 2**20
     model, config = load_pretrained()
     assert config.vocab_size == len(arith.VOCAB)
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -186,3 +191,50 @@ def test_bundled_weights_load_and_solve_eval_problems():
     out = generate(model, [arith.prompt_ids(p) for p in problems], max_new=100, temperature=0.0)
     hits = sum(arith.extract_answer(arith.decode(t)) == p.answer for t, p in zip(out.tokens, problems))
     assert hits >= 4, f"greedy decoding solved only {hits}/32 eval problems"
+
+
+def test_checkpoint_round_trip_and_refusals(model, tmp_path):
+    from haltwise.models.hf_checkpoint import write_checkpoint
+
+    ckpt = write_checkpoint(model, tmp_path / "ckpt", bos_token_id=arith.BOS_ID, eos_token_id=arith.EOS_ID,
+                            pad_token_id=arith.PAD_ID)
+    loaded, config = load_pretrained(ckpt)
+    assert config == model.config
+    x = random_tokens(2, 12, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**hf, "hidden_act": "relu2"}))
+    with pytest.raises(ValueError, match="'hidden_act' must be 'gelu', got 'relu2'"):
+        load_pretrained(ckpt)
+    (ckpt / "config.json").write_text(json.dumps(hf))
+    state = load_file(str(ckpt / "model.safetensors"))
+    state["model.layers.0.self_attn.k_proj.weight"][30] = 1.0  # head 0, a padding dimension
+    save_file(state, str(ckpt / "model.safetensors"))
+    with pytest.raises(ValueError, match="k_proj.weight must be zero"):
+        load_pretrained(ckpt)
+    with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
+        load_pretrained(tmp_path)
+
+
+def test_bundled_checkpoint_gives_the_same_logits_in_transformers():
+    """haltwise's plain-torch GPT and transformers' NemotronForCausalLM on the one
+    bundled checkpoint: same logits for prompts and full traces."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra is installed in CI")
+
+    ours, config = load_pretrained()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_CHECKPOINT, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "NemotronForCausalLM"
+    problems = arith.eval_set(4)
+    seqs = [arith.format_training_example(p) for p in problems]
+    n = min(len(s) for s in seqs)
+    x = torch.tensor([s[:n] for s in seqs], dtype=torch.int64)  # [4, n] prompt + solution prefix
+    with torch.no_grad():
+        a, b = ours(x), theirs(x).logits
+    assert a.shape == b.shape == (4, n, config.vocab_size)
+    torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

@@ -37,10 +37,37 @@ def _bench_scheduler(args) -> int:
     return 0
 
 
+def _bench_vllm(args) -> int:
+    """`haltwise bench --engine vllm`: the decode runs on a vLLM engine (benchmarks/vllm_engine.py)."""
+    unsupported = {"--model": args.model, "--problems-file": args.problems_file, "--weights": args.weights,
+                   "--bank-out": args.bank_out, "--plot": args.plot}
+    for option, value in unsupported.items():
+        if value:
+            raise CliError(f"{option} is not supported with --engine vllm (it decodes the bundled checkpoint), "
+                           f"got {value!r}")
+    check_output("--json", args.json)
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise CliError("--engine vllm needs vLLM: pip install 'haltwise[vllm]' (see the README)")
+    from .benchmarks import vllm_engine
+
+    argv = ["--problems", str(args.problems), "--traces", str(args.traces), "--seed", str(args.seed),
+            "--throughput-problems", str(args.throughput_problems or 0)]
+    if not args.throughput_problems:
+        argv.append("--skip-throughput")
+    if args.json:
+        argv += ["--json", args.json]
+    return vllm_engine.main(argv)
+
+
 def _bench_decode(args) -> int:
     import torch
 
     from .benchmarks import decode
+
+    if args.engine == "vllm":
+        return _bench_vllm(args)
 
     # every output is checked before the run, whose results a bad path would lose
     check_output("--json", args.json)
@@ -119,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=160)
     bench.add_argument("--throughput-problems", type=int, default=100,
                        help="decode: problems for the Stepper vs plain-torch throughput check (0: skip)")
-    bench.add_argument("--weights", metavar="PATH", help="decode: safetensors weights of the bundled model")
+    bench.add_argument("--engine", choices=["haltwise", "vllm"], default="haltwise",
+                       help="decode: haltwise's own decode loop, or a vLLM engine with the logits processor "
+                            "(pip install 'haltwise[vllm]')")
+    bench.add_argument("--weights", metavar="PATH",
+                       help="decode: the bundled model's weights (a checkpoint directory or a safetensors file)")
     bench.add_argument("--model", metavar="DIR", help="decode: a local Hugging Face checkpoint directory")
     bench.add_argument("--problems-file", metavar="JSONL",
                        help='decode: your problems, one {"prompt": str, "answer": int} per line')
@@ -138,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--capacity", type=int, default=512)
     record.add_argument("--temperature", type=float, default=1.0)
     record.add_argument("--seed", type=int, default=0)
-    record.add_argument("--weights", metavar="PATH", help="safetensors weights (default: the bundled model)")
+    record.add_argument("--weights", metavar="PATH",
+                        help="checkpoint directory or safetensors file (default: the bundled checkpoint)")
     record.add_argument("--no-progress", action="store_true")
     return parser
 

@@ -279,7 +279,7 @@ def format_report(r: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default=None, help="safetensors file (default: the bundled arith.safetensors)")
+    ap.add_argument("--weights", default=None, help="checkpoint directory or gpt.py safetensors file (default: the bundled checkpoint)")
     ap.add_argument("--problems", type=int, default=500)
     ap.add_argument("--traces", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)

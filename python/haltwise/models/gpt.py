@@ -28,9 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GPTConfig", "KVCache", "GPT", "load_pretrained", "save_pretrained", "DEFAULT_WEIGHTS"]
+__all__ = ["GPTConfig", "KVCache", "GPT", "load_pretrained", "save_pretrained", "BUNDLED_CHECKPOINT", "DEFAULT_WEIGHTS"]
 
-DEFAULT_WEIGHTS = Path(__file__).with_name("arith.safetensors")
+# The bundled weights: a Hugging Face checkpoint directory (config.json + model.safetensors,
+# NemotronForCausalLM; see hf_checkpoint.py) that transformers and vLLM load as well.
+BUNDLED_CHECKPOINT = Path(__file__).resolve().with_name("arith-nemotron")
+DEFAULT_WEIGHTS = BUNDLED_CHECKPOINT
 
 
 @dataclass
@@ -276,19 +279,26 @@ def save_pretrained(model: GPT, path, extra_metadata: dict | None = None) -> Non
 
 
 def load_pretrained(path=None, device="cpu") -> tuple[GPT, GPTConfig]:
-    """The model stored at ``path`` (default: the bundled arith.safetensors), float32, eval mode."""
+    """The model stored at ``path``, float32, eval mode: a checkpoint directory
+    (default: ``BUNDLED_CHECKPOINT``; see hf_checkpoint.py) or a safetensors file
+    written by ``save_pretrained``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    if not path.exists():
-        raise FileNotFoundError(f"load_pretrained: no weights file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise ValueError(f"load_pretrained: {path} has no 'config' entry in its safetensors metadata")
-    config = GPTConfig(**json.loads(meta["config"]))
+    path = Path(path) if path is not None else BUNDLED_CHECKPOINT
+    if path.is_dir():
+        from .hf_checkpoint import read_checkpoint
+
+        config, state, _ = read_checkpoint(path)
+    else:
+        if not path.exists():
+            raise FileNotFoundError(f"load_pretrained: no checkpoint directory or weights file at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise ValueError(f"load_pretrained: {path} has no 'config' entry in its safetensors metadata")
+        config = GPTConfig(**json.loads(meta["config"]))
+        state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     model = GPT(config)
-    state = {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     model.load_state_dict(state)
     return model.to(device).eval(), config

@@ -1,10 +1,12 @@
 """Train the bundled arithmetic model on freshly generated problems (CPU, a few minutes).
 
     PYTHONPATH=python python -m haltwise.models.train \
-        --out python/haltwise/models/arith.safetensors --steps 4000 --minutes 29 \
+        --out /tmp/hw/arith.safetensors --steps 4000 --minutes 29 \
         --stop-at-em 0.6 --seed 0 --threads 1
+    PYTHONPATH=python python -m haltwise.models.hf_checkpoint \
+        /tmp/hw/arith.safetensors python/haltwise/models/arith-nemotron
 
-(the command that made the bundled weights; see notes/model.md).
+(the commands that made the bundled checkpoint; see notes/model.md).
 
 Every batch is new problems from ``training_problems(seed)`` (eval prompts removed), so
 there are no epochs and no overfitting to a fixed set. The loss is next-token cross
@@ -89,7 +91,7 @@ def lr_at(progress: float, peak: float, warmup_frac: float) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="python/haltwise/models/arith.safetensors")
+    ap.add_argument("--out", required=True, help="safetensors file to write (hf_checkpoint.py converts it)")
     ap.add_argument("--minutes", type=float, default=25.0, help="time budget (schedule and cap)")
     ap.add_argument("--steps", type=int, default=None, help="step budget (schedule); --minutes stays a cap")
     ap.add_argument("--seed", type=int, default=0)

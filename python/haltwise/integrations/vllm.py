@@ -1,0 +1,269 @@
+"""vLLM integration (``pip install haltwise[vllm]``): a v1 logits processor that
+stops each request early on haltwise's stop rules.
+
+    from vllm import LLM, SamplingParams
+    from haltwise.integrations.vllm import HaltwiseLogitsProcessor
+
+    llm = LLM(model=str(haltwise.models.BUNDLED_CHECKPOINT), logits_processors=[HaltwiseLogitsProcessor], ...)
+    params = SamplingParams(max_tokens=112, stop_token_ids=[2], extra_args={"haltwise": {
+        "low_conf_signal": "logprob", "low_conf_threshold": -2.0, "window": 16, "min_new_tokens": 16}})
+
+or ``vllm serve MODEL --logits-processors haltwise.integrations.vllm:HaltwiseLogitsProcessor``
+with ``"vllm_xargs": {"haltwise": "{\"low_conf_threshold\": -2.0}"}`` in the request body (the
+server's vllm_xargs hold no nested objects, so there the settings are a JSON object string;
+``extra_args`` takes a dict or that string).
+
+Per-request settings (``SamplingParams.extra_args["haltwise"]``), all optional:
+``low_conf_signal``, ``low_conf_threshold``, ``window``, ``min_new_tokens`` (those
+of :class:`haltwise.StopConfig`) and ``top_k_conf`` (k of the DeepConf token
+confidence, default 20). ``validate_params`` refuses bad ones with vLLM's
+VLLMValidationError (a ValueError from ``parse_settings``) whose message names the key;
+the OpenAI server answers HTTP 400. A request without "haltwise" is
+never touched: its logits are not read or written, so it decodes exactly the tokens it
+decodes without the processor.
+
+Each step (``apply``):
+
+1. For every row that asked, the tokens vLLM sampled since the last step are fed,
+   with the signals of the logits they were sampled from, to that request's stop
+   rules: a one-slot native :class:`haltwise.Scheduler` per request (the same C++
+   LOW_CONFIDENCE / CONFIDENT / INVALID_LOGITS rules as the decode loop and the HF
+   integration; EOS, stop strings and max_tokens stay vLLM's). The logprob fed to the
+   rules is that of the token vLLM chose: ``x[token] - logsumexp(x)`` over the raw
+   logits, with the logsumexp recovered from the fused pass (``x[argmax] - logprob``).
+2. A row whose rules fired gets its logits forced to its end token (the request's
+   EOS, else its first stop token id): every other entry ``-inf``, the end token 0.
+   So a cut output is the uncut output's prefix plus the end token; vLLM reports
+   finish reason "stop".
+3. One fused :func:`haltwise.signals` pass (native on CPU, Triton on CUDA) over the
+   rows that asked and are still running (one pass per distinct ``top_k_conf``), on
+   the raw logits (the model's distribution, as vLLM's default logprobs).
+
+Rows follow :class:`BatchUpdate` exactly: removed, then added, then moved (SWAP
+exchanges two rows' states, UNIDIRECTIONAL moves one and drops whatever the target
+held). A request that leaves the batch (finished, aborted or preempted) ends its
+rules with CANCELLED unless they had stopped it. ``stats`` counts requests by how
+they ended (the stop reason names, plus "vllm" for requests vLLM ended itself), since
+vLLM's output has no field for a stop reason.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+
+from .vllm_rows import EXTRA_ARGS_KEY, SETTING_KEYS, RowTable, parse_settings
+
+__all__ = ["HaltwiseLogitsProcessor", "parse_settings", "EXTRA_ARGS_KEY", "SETTING_KEYS"]
+
+
+class HaltwiseLogitsProcessor(LogitsProcessor):
+    """vLLM v1 logits processor: haltwise's stop rules per request (see the module docstring)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams):
+        try:
+            parse_settings(sampling_params)
+        except ValueError as e:  # the OpenAI server answers HTTP 400
+            raise VLLMValidationError(str(e), parameter=f"extra_args.{EXTRA_ARGS_KEY}",
+                                      value=(sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)) from None
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
+        spec = getattr(vllm_config, "speculative_config", None)
+        if spec is not None:
+            raise ValueError("HaltwiseLogitsProcessor: speculative decoding is not supported "
+                             f"(several tokens per step have no per-token logits here), got {spec}")
+        self.table = RowTable()
+
+    @property
+    def stats(self):
+        """Requests by how they ended: stop reason names, "vllm" (ended by vLLM itself), "untracked"."""
+        return self.table.stats
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # forcing the end token changes the argmax
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        self.table.update(batch_update)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.table.apply(logits)
+
+
+# The warm-up thresholds come from vLLM's logprobs (log_softmax), the rule runs on the
+# processor's (x[token] - logsumexp from the fused pass): the two differ by float32
+# rounding (~1e-6). This model decodes many traces token for token alike, whose lowest
+# window mean then equals the threshold; haltwise's own loop, where both sides are the
+# same numbers, keeps them (the rule is strict). Lowering the threshold by this margin
+# keeps them here too instead of cutting them on rounding.
+ROUNDING_MARGIN = 1e-4
+
+
+class VLLMParallelSampler:
+    """K traces per problem on a vLLM engine, under the same :class:`EarlyStopSettings`
+    (warm-up thresholds, waves, consensus rules, votes) as haltwise's own
+    :class:`~haltwise.decoding.parallel.ParallelSampler`, sharing its code: the
+    DeepConf threshold (``voting.warmup_threshold``), the settle rules
+    (``voting.vote_settled``), the vote (``ProblemResult.vote``) and the window means
+    (``tracebank``). Needs an ``LLM`` whose engine loaded HaltwiseLogitsProcessor.
+
+    * Warm-up traces run uncut and return the sampled tokens' logprobs, from which the
+      problem's threshold is set; later traces get it through ``extra_args``.
+    * Waves: after the warm-up a problem's traces are added ``wave_size`` at a time
+      (0: all at once), the next wave once the previous one has ended.
+    * Consensus: once a problem's vote is settled ("unbeatable": the leader cannot be
+      overturned by the traces not yet ended; "beta" / "run" as in voting.py) its
+      in-flight traces are ended through vLLM's own ``abort_request`` (reason
+      GROUP_CONSENSUS, their tokens so far counted) and the rest never start.
+    * A trace whose end token the processor forced is told apart from one that ended on
+      its own by replaying the rule on its returned logprobs (``tracebank.cut_length``:
+      the rule fired on a token before the last one): it gets reason LOW_CONFIDENCE and
+      does not vote, as in the haltwise loop.
+    """
+
+    def __init__(self, llm, task, *, temperature: float = 1.0, seed: int = 0, top_k_conf: int = 20):
+        self.llm, self.task = llm, task
+        self.temperature, self.seed, self.top_k_conf = temperature, seed, top_k_conf
+        self._run_id = 0
+
+    def run(self, problems, settings, progress=None):
+        import math
+        import time
+
+        import numpy as np
+        from vllm.sampling_params import RequestOutputKind
+
+        from ..decoding.loop import LoopStats
+        from ..decoding.parallel import VOTING_REASONS, ProblemResult, RunResult, TraceResult
+        from ..scheduler import StopReason
+        from ..tracebank import cut_length, lowest_window_mean
+        from ..voting import vote_settled, warmup_threshold
+
+        engine = self.llm.llm_engine
+        K = settings.traces
+        self._run_id += 1
+        tag = f"hw{self._run_id}"
+        results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
+        prompts = [{"prompt_token_ids": list(self.task.prompt_ids(p))} for p in problems]
+        queued: list[list[int]] = [[] for _ in problems]  # traces not yet added, in order
+        in_flight: list[dict[str, int]] = [{} for _ in problems]  # request id -> trace
+        tokens_so_far: dict[str, int] = {}
+        settled = [False] * len(problems)
+        warmup = settings.warmup
+        thresholds: list[float | None] = [None] * len(problems)
+        stats = LoopStats()
+
+        def threshold_of(p: int, k: int) -> float | None:
+            """The threshold a trace runs under: none in the warm-up, else the problem's minus the margin."""
+            base = thresholds[p]
+            return base - ROUNDING_MARGIN if k >= warmup and base is not None else None
+
+        def add(p: int, k: int) -> None:
+            threshold = threshold_of(p, k)
+            extra = None
+            if threshold is not None:
+                extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
+                                          "window": settings.window, "min_new_tokens": settings.window,
+                                          "top_k_conf": self.top_k_conf}}
+            params = SamplingParams(temperature=self.temperature, seed=self.seed * 1_000_003 + p * K + k,
+                                    max_tokens=settings.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
+                                    logprobs=0, extra_args=extra, detokenize=False,
+                                    output_kind=RequestOutputKind.CUMULATIVE)
+            rid = f"{tag}-{p}-{k}"
+            engine.add_request(rid, prompts[p], params)
+            in_flight[p][rid] = k
+
+        def admit(p: int) -> None:
+            """Add the problem's next traces: waves of wave_size (0: all), the
+            warm-up traces first and alone, the next wave once the last has ended."""
+            if settled[p] or not queued[p] or (settings.wave_size and in_flight[p]):
+                return
+            n = settings.wave_size or len(queued[p])
+            started = len(results[p].traces) + len(in_flight[p])
+            if started < warmup:
+                n = min(n, warmup - started)
+            elif thresholds[p] is None and warmup and len(results[p].traces) < warmup:
+                return  # the warm-up has not ended: no threshold yet
+            for k in queued[p][:n]:
+                add(p, k)
+            del queued[p][:n]
+
+        def finish(p: int, k: int, token_ids, logprobs, reason: StopReason) -> None:
+            values = np.array([lp[t].logprob for t, lp in zip(token_ids, logprobs or [])], dtype=np.float64)
+            if settings.signal != "logprob" or len(values) != len(token_ids):
+                values = np.full(len(token_ids), math.nan)
+            threshold = threshold_of(p, k)
+            # the rule fired on some token before the last: the processor forced the end token
+            # (at the next step, or one later when async scheduling delays the token's value)
+            if (reason == StopReason.EOS and threshold is not None and len(values) >= 2
+                    and cut_length(values[:-1], threshold, window=settings.window, min_new_tokens=settings.window,
+                                   last_evaluated=True) is not None):
+                reason = StopReason.LOW_CONFIDENCE
+            answer = self.task.answer_of(token_ids) if reason in VOTING_REASONS else None
+            lwm = lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window)
+            results[p].traces.append(TraceResult(
+                problem=p, trace=k, reason=reason, num_tokens=len(token_ids), answer=answer,
+                correct=answer is not None and answer == results[p].reference, min_window_mean=lwm,
+                mean_logprob=float(values.mean()) if len(values) else math.nan))
+            if progress is not None:
+                progress(1)
+
+        def after_finish(p: int) -> None:
+            done = len(results[p].traces)
+            if warmup and done == warmup and thresholds[p] is None and not settled[p]:
+                lows = [t.min_window_mean for t in results[p].traces if not math.isnan(t.min_window_mean)]
+                thresholds[p] = results[p].threshold = warmup_threshold(lows, settings.keep_percent) if lows else None
+            remaining = K - done
+            if settings.consensus is not None and remaining and not settled[p]:
+                answers = [t.answer for t in sorted(results[p].traces, key=lambda t: t.trace) if t.votes]
+                if vote_settled(answers, rule=settings.consensus, threshold=settings.consensus_threshold,
+                                remaining=remaining):
+                    settled[p] = True
+                    ids = list(in_flight[p])
+                    if ids:
+                        engine.abort_request(ids)
+                    for rid in ids:
+                        k = in_flight[p].pop(rid)
+                        results[p].traces.append(TraceResult(
+                            problem=p, trace=k, reason=StopReason.GROUP_CONSENSUS,
+                            num_tokens=tokens_so_far.pop(rid, 0), answer=None, correct=False,
+                            min_window_mean=math.nan, mean_logprob=math.nan))
+                    for k in queued[p]:
+                        results[p].traces.append(TraceResult(
+                            problem=p, trace=k, reason=StopReason.GROUP_CONSENSUS, num_tokens=0, answer=None,
+                            correct=False, min_window_mean=math.nan, mean_logprob=math.nan))
+                    queued[p].clear()
+            admit(p)
+
+        t0 = time.perf_counter()
+        for p in range(len(problems)):
+            queued[p] = list(range(K))
+            admit(p)
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            stats.steps += 1
+            for out in outputs:
+                p, k = (int(v) for v in out.request_id.rsplit("-", 2)[1:])
+                if out.request_id not in in_flight[p]:
+                    continue  # aborted: already recorded
+                comp = out.outputs[0]
+                tokens_so_far[out.request_id] = len(comp.token_ids)
+                if not out.finished:
+                    continue
+                del in_flight[p][out.request_id]
+                tokens_so_far.pop(out.request_id, None)
+                reason = StopReason.MAX_TOKENS if comp.finish_reason == "length" else StopReason.EOS
+                finish(p, k, list(comp.token_ids), comp.logprobs, reason)
+                after_finish(p)
+        stats.wall_s = time.perf_counter() - t0
+        missing = [p for p, r in enumerate(results) if len(r.traces) != K]
+        if missing:
+            raise RuntimeError(f"VLLMParallelSampler: problems {missing[:5]} did not end all {K} traces")
+        for problem in results:
+            problem.vote(settings.weighting)
+        run = RunResult(settings=settings, problems=results, loop=stats)
+        stats.tokens = run.tokens
+        return run

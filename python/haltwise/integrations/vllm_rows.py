@@ -1,0 +1,195 @@
+"""The vLLM-independent part of haltwise.integrations.vllm: per-request settings,
+the rows that asked (following vLLM's BatchUpdate: removed, then added, then moved)
+and the step (feed the sampled tokens to the native stop rules, force the end token
+of the rows they stopped, one fused signals pass over the rows still running).
+Importable without vLLM so the bookkeeping is tested on its own."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..scheduler import MAX_NEW_TOKENS, Scheduler, StopConfig, StopReason, check_int
+from ..signals import signals
+from ..signals_types import MAX_TOP_K_CONF
+from ..stepper import HostSignals
+
+__all__ = ["RowTable", "HaltwiseSettings", "parse_settings", "end_token", "EXTRA_ARGS_KEY", "SETTING_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+EXTRA_ARGS_KEY = "haltwise"
+SETTING_KEYS = ("low_conf_signal", "low_conf_threshold", "window", "min_new_tokens", "top_k_conf")
+_NO_LIMIT = MAX_NEW_TOKENS  # max_tokens is vLLM's to enforce
+
+
+@dataclasses.dataclass(frozen=True)
+class HaltwiseSettings:
+    stop: StopConfig
+    top_k_conf: int
+
+
+def parse_settings(params) -> HaltwiseSettings | None:
+    """The request's haltwise settings, None if it did not ask; ValueError naming
+    the key for anything wrong."""
+    extra = params.extra_args
+    if not extra or EXTRA_ARGS_KEY not in extra:
+        return None
+    where = f"extra_args[{EXTRA_ARGS_KEY!r}]"
+    cfg = extra[EXTRA_ARGS_KEY]
+    if isinstance(cfg, str):  # the OpenAI server's vllm_xargs hold no nested objects: a JSON string then
+        try:
+            cfg = json.loads(cfg)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} must be a dict or a JSON object string, got a string that is not JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} must be a dict with keys among {SETTING_KEYS}, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(SETTING_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected keys among {SETTING_KEYS}")
+    try:
+        top_k_conf = check_int(where, "top_k_conf", cfg.get("top_k_conf", 20), 0, MAX_TOP_K_CONF)
+        stop = StopConfig(**{k: v for k, v in cfg.items() if k != "top_k_conf"})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if stop.low_conf_signal == "topk_conf" and top_k_conf == 0:
+        raise ValueError(f"{where}: low_conf_signal 'topk_conf' needs top_k_conf >= 1, got top_k_conf 0")
+    if params.ignore_eos:
+        raise ValueError(f"{where}: a request that asks haltwise to stop it cannot set ignore_eos=True")
+    if params.min_tokens:
+        raise ValueError(f"{where}: use the haltwise key min_new_tokens instead of min_tokens "
+                         f"(min_tokens masks the end token that a cut forces), got min_tokens={params.min_tokens}")
+    return HaltwiseSettings(stop=stop, top_k_conf=top_k_conf)
+
+
+def end_token(params) -> int | None:
+    """The token a cut forces: the request's EOS, else its smallest stop token id."""
+    if params.eos_token_id is not None:
+        return int(params.eos_token_id)
+    stops = sorted(params.all_stop_token_ids or params.stop_token_ids or ())
+    return int(stops[0]) if stops else None
+
+
+class _Row:
+    """One request that asked: its stop rules and the signals of its steps whose
+    sampled token it has not fed yet."""
+
+    __slots__ = ("settings", "out", "end", "rules", "fed", "seen_len", "pending", "stopped", "reason")
+
+    def __init__(self, settings: HaltwiseSettings, out: list[int], end: int):
+        self.settings, self.out, self.end = settings, out, end
+        self.rules = Scheduler(1, layout="slots")
+        self.rules.submit(0, max_new_tokens=_NO_LIMIT, stop=settings.stop)
+        self.rules.step(np.zeros(0, dtype=np.int64), HostSignals.zeros(0))  # admits it
+        self.fed = len(out)  # output tokens already accounted for (a resumed request keeps its own)
+        self.seen_len = len(out)  # len(out) at the last apply, placeholders included
+        self.pending: collections.deque = collections.deque()  # (x [V], lse, entropy, conf, margin, topk, status)
+        self.stopped = False
+        self.reason: str | None = None
+
+
+class RowTable:
+    """The state of HaltwiseLogitsProcessor without vLLM: the rows that asked, keyed
+    by their index in vLLM's persistent batch, and the step. ``update`` takes a
+    BatchUpdate (or any object with its fields; moves' directions are compared by
+    name, "SWAP" / "UNIDIRECTIONAL")."""
+
+    def __init__(self):
+        self.rows: dict[int, _Row] = {}
+        self.stats: collections.Counter = collections.Counter()
+
+    # ---- batch bookkeeping ------------------------------------------------------
+
+    def _end(self, row: _Row | None) -> None:
+        if row is not None and not row.stopped:
+            self.stats["vllm"] += 1
+
+    def update(self, batch_update) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self._end(self.rows.pop(index, None))
+        for index, params, _prompt, out in batch_update.added:
+            self._end(self.rows.pop(index, None))
+            settings = parse_settings(params)
+            if settings is None:
+                continue
+            end = end_token(params)
+            if end is None:
+                logger.warning("haltwise: a request asked for early stopping but has no EOS or stop token id "
+                               "to end it with; it decodes uncut")
+                self.stats["no_end_token"] += 1
+                continue
+            self.rows[index] = _Row(settings, out, end)
+        for a, b, direction in batch_update.moved:
+            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
+            if row_a is not None:
+                self.rows[b] = row_a
+            if direction.name == "SWAP":
+                if row_b is not None:
+                    self.rows[a] = row_b
+            else:
+                self._end(row_b)  # UNIDIRECTIONAL: b's old occupant is replaced
+
+    # ---- the step -----------------------------------------------------------------
+
+    def _feed(self, row: _Row) -> None:
+        """Feed the row's newly sampled tokens with their steps' signals."""
+        n = len(row.out)
+        if n == row.seen_len and row.pending:
+            row.pending.pop()  # the last step's sample was discarded (a partial prefill chunk)
+        row.seen_len = n
+        while row.fed < n and row.out[row.fed] != -1 and not row.stopped:  # -1: async placeholder, not known yet
+            if not row.pending:
+                logger.warning("haltwise: more sampled tokens than signalled steps (speculative decoding?); "
+                               "the request decodes uncut from here")
+                row.stopped, row.reason = True, "untracked"
+                self.stats["untracked"] += 1
+                return
+            x, lse, entropy, confidence, margin, topk, status = row.pending.popleft()
+            token = row.out[row.fed]
+            row.fed += 1
+            logprob = float(x[token]) - lse if 0 <= token < x.shape[0] else math.nan
+            f = lambda v: np.array([v], dtype=np.float32)  # noqa: E731
+            plan = row.rules.step(np.array([token], dtype=np.int64),
+                                  HostSignals(f(logprob), f(entropy), f(confidence), f(margin), f(topk),
+                                              np.array([status], dtype=np.int8)))
+            for finished in plan.finished:
+                row.stopped, row.reason = True, StopReason(finished.reason).name
+                self.stats[row.reason] += 1
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return logits
+        running: dict[int, list[int]] = collections.defaultdict(list)  # top_k_conf -> rows
+        forced = []
+        for index in sorted(self.rows):
+            row = self.rows[index]
+            if row.reason == "untracked":
+                continue
+            self._feed(row)
+            if row.stopped:
+                if row.reason != "untracked":
+                    forced.append((index, row.end))
+            else:
+                running[row.settings.top_k_conf].append(index)
+        for k, rows in running.items():
+            idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+            x = logits.index_select(0, idx)  # [n, V], this step's logits of those rows (a copy, kept for the next step)
+            out = signals(x, temperature=0.0, top_k_conf=k)  # one fused pass
+            x_top = x.gather(1, out.token[:, None]).squeeze(1)
+            lse = (x_top - out.logprob).tolist()  # logsumexp per row
+            host = [t.tolist() for t in (out.entropy, out.confidence, out.margin, out.topk_conf, out.status)]
+            for j, index in enumerate(rows):
+                self.rows[index].pending.append((x[j], lse[j], host[0][j], host[1][j], host[2][j], host[3][j],
+                                                 host[4][j]))
+        for index, end in forced:
+            logits[index].fill_(-math.inf)
+            logits[index, end] = 0.0
+        return logits

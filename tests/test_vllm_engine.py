@@ -1,0 +1,133 @@
+"""End to end on vLLM (CPU build) with the bundled checkpoint: one engine for the
+module, HaltwiseLogitsProcessor loaded, token-id prompts. Skipped only where vLLM
+is not installed (CI installs it: .ci/vllm.sh)."""
+from __future__ import annotations
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install haltwise[vllm]; CI: .ci/vllm.sh)")
+
+from haltwise.models import BUNDLED_CHECKPOINT  # noqa: E402
+from haltwise.tasks import arith  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")  # vLLM's own deprecation and resource warnings
+
+PROBLEMS = arith.eval_set(24)
+PROMPTS = [{"prompt_token_ids": arith.prompt_ids(p)} for p in PROBLEMS]
+CUT = {"low_conf_signal": "logprob", "low_conf_threshold": -0.35, "window": 8, "min_new_tokens": 8}
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from haltwise.integrations.vllm import HaltwiseLogitsProcessor
+
+    engine = vllm.LLM(model=str(BUNDLED_CHECKPOINT), skip_tokenizer_init=True, gpu_memory_utilization=0.1,
+                      dtype="float32", max_model_len=144, max_num_seqs=64, seed=0,
+                      logits_processors=[HaltwiseLogitsProcessor], enforce_eager=True)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()  # stop the engine process and close its sockets now
+
+
+def params(seed, haltwise=None, **kw):
+    extra = None if haltwise is None else {"haltwise": haltwise}
+    return vllm.SamplingParams(temperature=1.0, max_tokens=112, seed=seed, stop_token_ids=[arith.EOS_ID],
+                               extra_args=extra, detokenize=False, **kw)
+
+
+def tokens(outputs):
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_cut_outputs_are_uncut_prefixes_plus_the_end_token(llm):
+    seeds = range(len(PROMPTS))
+    uncut = llm.generate(PROMPTS, [params(s) for s in seeds], use_tqdm=False)
+    # a request that asks but whose rule never fires decodes the same tokens
+    asked_never = llm.generate(PROMPTS, [params(s, {**CUT, "low_conf_threshold": -1e30}) for s in seeds],
+                               use_tqdm=False)
+    cut = llm.generate(PROMPTS, [params(s, CUT) for s in seeds], use_tqdm=False)
+    assert tokens(asked_never) == tokens(uncut)
+    n_cut = 0
+    for u, c, o in zip(tokens(uncut), tokens(cut), cut):
+        assert o.outputs[0].finish_reason in ("stop", "length")
+        if c != u:
+            n_cut += 1
+            assert c[-1] == arith.EOS_ID and c[:-1] == u[: len(c) - 1], (u, c)
+            assert len(c) < len(u)
+            assert len(c) - 1 >= CUT["min_new_tokens"]
+    assert n_cut >= 1, "the threshold should cut some of these traces"
+    assert n_cut < len(PROMPTS)
+    assert sum(map(len, tokens(cut))) < sum(map(len, tokens(uncut)))
+
+
+def test_untouched_requests_decode_exactly_as_without_the_processor(llm):
+    """Requests without settings, batched with requests that get cut, decode the
+    tokens they decode alone (same seed); and the same as haltwise's own model greedy."""
+    n = 8
+    alone = llm.generate(PROMPTS[:n], [params(100 + i) for i in range(n)], use_tqdm=False)
+    mixed_prompts = PROMPTS[:n] + PROMPTS[n: 2 * n]
+    mixed = llm.generate(mixed_prompts, [params(100 + i) for i in range(n)]
+                         + [params(i, {**CUT, "low_conf_threshold": 0.0}) for i in range(n)], use_tqdm=False)
+    assert tokens(mixed[:n]) == tokens(alone)
+    # threshold 0 on a logprob window: every asking request is cut right at min_new_tokens (+ the end token)
+    for c in tokens(mixed[n:]):
+        assert len(c) == CUT["min_new_tokens"] + 1 and c[-1] == arith.EOS_ID
+
+
+def test_greedy_decoding_matches_haltwise_own_model(llm):
+    import torch
+
+    from haltwise.models.evaluate import generate
+    from haltwise.models.gpt import load_pretrained
+
+    n = 6
+    out = llm.generate(PROMPTS[:n], vllm.SamplingParams(temperature=0.0, max_tokens=112, stop_token_ids=[arith.EOS_ID],
+                                                        detokenize=False), use_tqdm=False)
+    model, _ = load_pretrained()
+    with torch.no_grad():
+        ours = generate(model, [arith.prompt_ids(p) for p in PROBLEMS[:n]], max_new=112, temperature=0.0)
+    assert tokens(out) == [list(t) for t in ours.tokens]
+
+
+def test_bad_settings_are_refused_naming_the_key(llm):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=r"window must be .*got 0"):
+        llm.generate(PROMPTS[:1], params(0, {"window": 0}), use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match=r"unknown key\(s\) \['treshold'\]"):
+        llm.generate(PROMPTS[:1], params(0, {"treshold": 1.0}), use_tqdm=False)
+    # the engine still serves after a refusal
+    assert len(tokens(llm.generate(PROMPTS[:1], params(0), use_tqdm=False))[0]) > 0
+
+
+def test_parallel_sampler_on_vllm_waves_consensus_and_abort(llm):
+    """The vLLM driver under haltwise bench's settings: every trace of every problem
+    is accounted for once; uncut traces are those of plain generate with the same
+    seeds; waves + consensus end settled siblings (aborted in flight or never
+    started) and spend fewer tokens than uncut."""
+    from haltwise.benchmarks.decode import DecodeBenchConfig, default_runs
+    from haltwise.integrations.vllm import VLLMParallelSampler
+    from haltwise.scheduler import StopReason
+    from haltwise.tasks.adapters import ArithTask
+
+    problems = PROBLEMS[:8]
+    cfg = DecodeBenchConfig(problems=len(problems), traces=8, max_new_tokens=112)
+    uncut_settings, cut_settings, consensus_settings = default_runs(cfg)
+    sampler = VLLMParallelSampler(llm, ArithTask(), seed=3)
+    uncut = sampler.run(problems, uncut_settings)
+    run = sampler.run(problems, consensus_settings)
+    for result in (uncut, run):
+        for p in result.problems:
+            assert sorted(t.trace for t in p.traces) == list(range(cfg.traces))
+    # uncut traces: the tokens plain generate samples with the driver's seeds
+    K = cfg.traces
+    plain = llm.generate([PROMPTS[0]] * K, [vllm.SamplingParams(
+        temperature=1.0, seed=3 * 1_000_003 + k, max_tokens=112, stop_token_ids=[arith.EOS_ID], detokenize=False)
+        for k in range(K)], use_tqdm=False)
+    assert [len(t) for t in tokens(plain)] == [t.num_tokens for t in sorted(uncut.problems[0].traces,
+                                                                           key=lambda t: t.trace)]
+    ended = [t.reason for p in run.problems for t in p.traces]
+    assert StopReason.GROUP_CONSENSUS in ended
+    assert run.tokens < uncut.tokens
+    assert all(p.threshold is not None for p in run.problems if len(p.traces) and
+               any(t.trace >= consensus_settings.warmup and t.num_tokens for t in p.traces))
+    assert run.em >= uncut.em - 0.25  # 8 problems: a loose sanity bound; the benchmark measures it properly
