@@ -42,7 +42,7 @@ set +e
 # vLLM leaves a zmq context to the garbage collector at exit; that ResourceWarning
 # (raised as an unraisable-exception warning) says nothing about the tests.
 CI=true "$py" -m pytest -p no:cacheprovider -W "ignore::pytest.PytestUnraisableExceptionWarning" -o "testpaths=$root/tests" --rootdir "$root" -c "$root/pyproject.toml" \
-  "$root/tests/test_vllm_engine.py" "$root/tests/test_vllm_rows.py" </dev/null
+  "$root/tests/test_vllm_engine.py" "$root/tests/test_vllm_rows.py" "$root/tests/test_readme.py" </dev/null
 rc=$?
 set -e
 echo "vllm.sh: pytest exit $rc after $(( $(date +%s) - start )) s"

@@ -111,8 +111,11 @@ def test_parallel_sampler_on_vllm_waves_consensus_and_abort(llm):
 
     problems = PROBLEMS[:8]
     cfg = DecodeBenchConfig(problems=len(problems), traces=8, max_new_tokens=112)
-    uncut_settings, cut_settings, consensus_settings = default_runs(cfg)
+    runs = {settings.key: settings for settings in default_runs(cfg)}
+    uncut_settings, consensus_settings = runs["uncut"], runs["static"]
     sampler = VLLMParallelSampler(llm, ArithTask(), seed=3)
+    with pytest.raises(ValueError, match="settings.signal must be 'logprob'"):
+        sampler.run(problems, runs["deepconf_low"])  # top-20 confidence is not in vLLM's output
     uncut = sampler.run(problems, uncut_settings)
     run = sampler.run(problems, consensus_settings)
     for result in (uncut, run):

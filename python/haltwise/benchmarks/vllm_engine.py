@@ -2,11 +2,12 @@
 
     python -m haltwise.benchmarks.vllm_engine --problems 100 --traces 16 --json /tmp/vllm.json
 
-One engine with HaltwiseLogitsProcessor runs the same settings as ``haltwise bench``
-(``default_runs``: (a) uncut, (b) DeepConf online cut, (c) cut + waves + consensus,
-through :class:`haltwise.integrations.vllm.VLLMParallelSampler`), each with a stable
-"key" (uncut, deepconf_cut, cut_waves_consensus), tokens, tokens saved and the paired
-vote-EM difference against uncut. Then the throughput check: the same uncut traces
+One engine with HaltwiseLogitsProcessor runs the settings of ``haltwise bench``
+(``default_runs``) that the driver can replay from vLLM's logprobs, through
+:class:`haltwise.integrations.vllm.VLLMParallelSampler`: ``uncut`` and ``static``
+(cut + waves + consensus), with the bench's keys, tokens, tokens saved and the paired
+vote-EM difference against uncut. (The DeepConf runs cut on top-20 confidence, which
+vLLM does not return to the client.) Then the throughput check: the same uncut traces
 (a) with the processor loaded and every request asking with a threshold that never
 fires ("loaded, never cutting"), (b) on a second engine without the processor, and
 (c) the DeepConf way: the top-20 logprobs of every token returned to the client
@@ -22,7 +23,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-KEYS = ("uncut", "deepconf_cut", "cut_waves_consensus")
+KEYS = ("uncut", "static")  # the runs of default_runs this driver replays
 
 
 def make_engine(processor: bool, max_num_seqs: int, seed: int):
@@ -84,7 +85,10 @@ def main(argv=None) -> int:
     print(f"engine up in {time.perf_counter() - t_start:.0f} s", flush=True)
     sampler = VLLMParallelSampler(llm, ArithTask(), temperature=cfg.temperature, seed=cfg.seed)
     runs, baseline = [], None
-    for key, settings in zip(KEYS, default_runs(cfg)):
+    for settings in default_runs(cfg):
+        if settings.key not in KEYS:
+            continue
+        key = settings.key
         run = sampler.run(problems, replace(settings, record_signals=False))
         baseline = baseline or run
         diff, se = paired_em_difference(run, baseline)

@@ -142,6 +142,14 @@ class VLLMParallelSampler:
         from ..tracebank import cut_length, lowest_window_mean
         from ..voting import vote_settled, warmup_threshold
 
+        # The client replays the cut rule on vLLM's logprobs: only the logprob
+        # signal with the natural vote can be replayed exactly here.
+        if settings.signal != "logprob":
+            raise ValueError(f"VLLMParallelSampler.run: settings.signal must be 'logprob' (the signal vLLM returns "
+                             f"to the client), got {settings.signal!r}")
+        if settings.vote != "natural":
+            raise ValueError(f"VLLMParallelSampler.run: settings.vote must be 'natural', got {settings.vote!r}")
+
         engine = self.llm.llm_engine
         K = settings.traces
         self._run_id += 1
