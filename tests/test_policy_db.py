@@ -19,6 +19,7 @@ import pytest
 from haltwise.policy import Policy, PolicyConfig, TraceOutcome
 from haltwise.policy.cli import main
 from haltwise.policy import PolicyDatabaseError
+from haltwise.policy.store import SCHEMA_VERSION
 from haltwise.scheduler import StopReason
 
 CONFIG = PolicyConfig(traces=2, warmup_requests=2, window=4, min_new_tokens=2)
@@ -94,7 +95,7 @@ def test_another_schema_version_is_refused(tmp_path, capsys):
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
     conn.commit()
     conn.close()
-    _refused(path, capsys, "schema version 99", "1")
+    _refused(path, capsys, "schema version 99", str(SCHEMA_VERSION))
 
 
 def test_corrupt_pages_are_refused_and_not_written(tmp_path, capsys):

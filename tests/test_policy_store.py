@@ -221,6 +221,6 @@ def test_every_change_is_audited_with_evidence_and_reason():
     for a in audit:
         assert a["reason"] and isinstance(a["evidence"], dict) and a["at"] > 0
         assert a["field"] in {"grid", "threshold", "target", "ready", "overload", "overload_target",
-                              "overload_threshold", "overload_values", "shadow"}
-    moves = [a for a in audit if a["field"] == "threshold" and a["old"] is not None]
+                              "overload_threshold", "overload_values", "shadow", "strategy"}
+    moves = [a for a in audit if a["field"] in ("threshold", "strategy") and a["old"] is not None]
     assert moves and all(a["old"] != a["new"] for a in moves)

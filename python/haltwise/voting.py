@@ -43,14 +43,23 @@ def beta_leader_probability(first: int, second: int) -> float:
     return 1.0 - tail
 
 
-def vote_settled(answers: Sequence[int | None], *, rule: str, threshold: float, remaining: int) -> bool:
-    """Whether a problem's vote is settled under a caller-side rule.
+def vote_settled(answers: Sequence[int | None], *, rule: str, threshold: float, remaining: int,
+                 weights: Sequence[float] | None = None) -> bool:
+    """Whether a problem's vote is settled.
 
     rule "beta": beta_leader_probability >= threshold (e.g. 0.95);
     rule "run": the first int(threshold) answers all agree;
-    rule "unbeatable": the leader cannot be overturned by the `remaining` traces
-    (the scheduler applies this one itself; here for replay).
+    rule "unbeatable": the leader cannot be overturned by the `remaining`
+    traces, each worth at most 1: leader > runner-up + remaining, on the
+    weighted totals when `weights` (each in [0, 1]) are given.
     """
+    if rule == "unbeatable" and weights is not None:
+        totals: dict[int, float] = {}
+        for answer, w in zip(answers, weights):
+            if answer is not None:
+                totals[answer] = totals.get(answer, 0.0) + float(w)
+        top = sorted(totals.values(), reverse=True) + [0.0, 0.0]
+        return top[0] > top[1] + remaining
     first, second = leader_counts(answers)
     if rule == "beta":
         return first > 0 and beta_leader_probability(first, second) >= threshold

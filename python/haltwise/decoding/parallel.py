@@ -21,9 +21,10 @@ from ..scheduler import Finished, Scheduler, StopConfig, StopReason
 from ..stepper import Stepper
 from ..tasks.adapters import TokenIds
 from ..trace_rules import VOTING_REASONS, lowest_group_confidence, vote_weight
-from ..voting import vote_settled, warmup_threshold, weighted_vote
+from ..voting import weighted_vote
 from .loop import DecodeLoop, LoopStats
 from .runners import Runner
+from .waves import TraceWaves
 
 # The Finished field holding a trace's whole mean of a signal (a trace shorter than the window has no window mean).
 _MEAN_FIELDS = {"topk_conf": "mean_topk_conf", "logprob": "mean_logprob", "neg_entropy": "mean_neg_entropy"}
@@ -48,15 +49,17 @@ class EarlyStopSettings:
     """One way of running a problem's K traces.
 
     warmup: traces per problem that run uncut and set the problem's
-        LOW_CONFIDENCE threshold (0: no cut);
+        LOW_CONFIDENCE threshold (0: none; see `threshold`);
     keep_percent: the threshold is the (100 - keep_percent)-th percentile of
         their lowest window means (DeepConf: 90 keeps most traces, 10 only the best);
     signal, window: the per-token signal and window of the group confidence;
-    wave_size: the traces after warm-up are admitted this many at a time
-        (0: all at once), so a settled vote drops the rest unsampled;
-    consensus: None, "unbeatable" (the scheduler's rule: the leader cannot be
-        overturned), "beta" (Adaptive-Consistency, P(leader is the mode) >=
-        consensus_threshold) or "run" (the first consensus_threshold answers agree);
+    wave_size: the traces after warm-up start this many at a time, the next
+        wave once the last has ended (0: all at once), so a settled vote
+        drops the rest unsampled;
+    consensus: None, "unbeatable" (the leader cannot be overturned; checked
+        after every trace), "beta" (Adaptive-Consistency, P(leader is the
+        mode) >= consensus_threshold) or "run" (the first consensus_threshold
+        answers agree), both checked at wave boundaries (decoding/waves.py);
     weighting: "majority" or "confidence" (weight = exp(mean logprob) of the trace);
     vote: "natural" (every trace that ended on its own votes, weighted by
         `weighting`) or "deepconf" (DeepConf online, as its reference code
@@ -81,6 +84,7 @@ class EarlyStopSettings:
     record_signals: bool = False
     vote: str = "natural"
     key: str = ""  # a stable name for reports (bench JSON "key")
+    threshold: float | None = None  # a fixed LOW_CONFIDENCE threshold for every trace (no warm-up)
 
     def __post_init__(self):
         if self.traces < 1:
@@ -90,6 +94,9 @@ class EarlyStopSettings:
         if self.consensus not in (None, "unbeatable", "beta", "run"):
             raise ValueError(f"EarlyStopSettings: consensus must be None, 'unbeatable', 'beta' or 'run', "
                              f"got {self.consensus!r}")
+        if self.threshold is not None and self.warmup:
+            raise ValueError(f"EarlyStopSettings: a fixed threshold ({self.threshold}) and a warm-up threshold "
+                             f"(warmup={self.warmup}) exclude each other")
         if self.weighting not in ("majority", "confidence"):
             raise ValueError(f"EarlyStopSettings: weighting must be 'majority' or 'confidence', got {self.weighting!r}")
         if self.vote not in ("natural", "deepconf"):
@@ -121,6 +128,12 @@ class TraceResult:
                    answer=answer, correct=answer is not None and answer == reference,
                    min_window_mean=record.min_window_mean, mean_logprob=record.mean_logprob,
                    signals=record.signals)
+
+    @classmethod
+    def dropped(cls, problem: int, trace: int, reference: int) -> "TraceResult":
+        """A trace never started because its problem's vote settled first."""
+        return cls(problem=problem, trace=trace, reason=StopReason.GROUP_CONSENSUS, num_tokens=0, answer=None,
+                   correct=False, min_window_mean=math.nan, mean_logprob=math.nan)
 
     @property
     def votes(self) -> bool:
@@ -181,6 +194,17 @@ class RunResult:
         return np.array([p.correct for p in self.problems], dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class ProblemPlan:
+    """How one problem runs (ParallelSampler.run's per-problem hook):
+    settings: its EarlyStopSettings (traces at most the run's);
+    stop: the StopConfig of its traces (its low_conf_threshold is replaced by
+        the plan's threshold of each trace); None: built from settings."""
+
+    settings: EarlyStopSettings
+    stop: StopConfig | None = None
+
+
 class ParallelSampler:
     """Runs K traces per problem through one DecodeLoop under EarlyStopSettings."""
 
@@ -196,69 +220,99 @@ class ParallelSampler:
 
     def run(self, problems: Sequence, settings: EarlyStopSettings, *,
             stepper_factory: Callable[[Scheduler], Stepper] | None = None,
-            progress: Callable[[int], object] | None = None) -> RunResult:
-        """Decode every problem's traces; `progress(n)` is called as traces end."""
+            progress: Callable[[int], object] | None = None,
+            plan: Callable[[int], ProblemPlan] | None = None,
+            done: Callable[[int, ProblemResult], object] | None = None,
+            max_problems: int | None = None) -> RunResult:
+        """Decode every problem's traces; `progress(n)` is called as traces end.
+
+        plan(p): the problem's own plan, asked when it starts (default: every
+            problem runs `settings`); its traces must not exceed settings.traces
+            (trace k of problem p is request p * settings.traces + k, so a
+            trace's tokens do not depend on the plan);
+        done(p, result): called once a problem's traces have all ended and its
+            vote is counted (a policy observes and labels it there);
+        max_problems: problems in flight at once (None: all); the next one
+            starts, and is planned, when one is done.
+        """
         K = settings.traces
-        scheduler = Scheduler(self.capacity, layout="slots", wave_size=settings.wave_size)
+        scheduler = Scheduler(self.capacity, layout="slots")
         stepper = (stepper_factory(scheduler) if stepper_factory is not None else
                    Stepper(scheduler, temperature=self.temperature, top_k_conf=self.top_k_conf, seed=self.seed,
                            backend=self.backend))
         loop = DecodeLoop(self.runner_factory(self.capacity), scheduler, stepper)
         results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
-        prompts = [self.task.prompt_ids(p) for p in problems]
-        warmup_left = [settings.warmup] * len(problems)
-        deepconf = settings.vote == "deepconf"
-        settled = [False] * len(problems)
-        base = StopConfig(eos_ids=tuple(self.task.eos_ids), low_conf_signal=settings.signal, window=settings.window,
-                          min_new_tokens=settings.window, record_signals=settings.record_signals)
+        waves: list[TraceWaves | None] = [None] * len(problems)
+        plans: list[ProblemPlan | None] = [None] * len(problems)
+        limit = len(problems) if max_problems is None else max_problems
+        if limit < 1:
+            raise ValueError(f"ParallelSampler.run: max_problems must be >= 1 or None, got {max_problems}")
+        next_problem = 0
 
-        def submit(p: int, traces: range, threshold: float | None) -> None:
-            stop = dataclasses.replace(base, low_conf_threshold=threshold)
-            for k in traces:
-                loop.submit(p * K + k, prompts[p], max_new_tokens=settings.max_new_tokens, group=p, stop=stop)
+        def submit(p: int) -> None:
+            s, stop = plans[p].settings, plans[p].stop
+            prompt = self.task.prompt_ids(problems[p])
+            for k in waves[p].start():
+                trace_stop = dataclasses.replace(stop, low_conf_threshold=waves[p].threshold_of(k))
+                loop.submit(p * K + k, prompt, max_new_tokens=s.max_new_tokens, group=p, stop=trace_stop)
+
+        def begin(p: int) -> None:
+            chosen = plan(p) if plan is not None else ProblemPlan(settings)
+            s = chosen.settings
+            if s.traces > K:
+                raise ValueError(f"ParallelSampler.run: plan({p}) runs {s.traces} traces, more than settings.traces={K}")
+            stop = chosen.stop if chosen.stop is not None else StopConfig(
+                eos_ids=tuple(self.task.eos_ids), low_conf_signal=s.signal, window=s.window,
+                min_new_tokens=s.window, record_signals=s.record_signals)
+            plans[p] = ProblemPlan(s, stop)
+            waves[p] = TraceWaves(s)
+            results[p].threshold = waves[p].threshold
+            submit(p)
+
+        def finish_problem(p: int) -> None:
+            nonlocal next_problem
+            s = plans[p].settings
+            problem = results[p]
+            if s.vote == "deepconf" and problem.threshold is not None:
+                for t in problem.traces:
+                    t.eligible = not t.lowest_conf < problem.threshold  # NaN (no token) stays eligible
+            problem.vote("deepconf" if s.vote == "deepconf" else s.weighting)
+            if done is not None:
+                done(p, problem)
+            if next_problem < len(problems):
+                next_problem += 1
+                begin(next_problem - 1)
 
         def on_finished(record: Finished) -> None:
             p, k = divmod(record.request_id, K)
+            s = plans[p].settings
             answer = self.task.answer_of(record.tokens) if record.reason in VOTING_REASONS else None
             trace = TraceResult.from_record(record, p, k, answer, results[p].reference)
-            if deepconf:
+            if s.vote == "deepconf":
                 trace.lowest_conf = lowest_group_confidence(record.min_window_mean,
-                                                            getattr(record, _MEAN_FIELDS[settings.signal]))
+                                                            getattr(record, _MEAN_FIELDS[s.signal]))
             results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
-            if settings.consensus is not None and answer is not None:
-                weight = trace.weight if settings.weighting == "confidence" else None
-                scheduler.report_answer(record.request_id, answer, weight)
-            if settings.warmup and k < settings.warmup:
-                warmup_left[p] -= 1
-                if warmup_left[p] == 0:  # warm-up done: this problem's threshold, then its other traces
-                    lows = [t.lowest_conf if deepconf else t.min_window_mean
-                            for t in results[p].traces if t.trace < settings.warmup]
-                    usable = [v for v in lows if not math.isnan(v)]
-                    results[p].threshold = warmup_threshold(usable, settings.keep_percent) if usable else None
-                    submit(p, range(settings.warmup, K), results[p].threshold)
-            self._maybe_settle(p, results[p], settings, scheduler, settled, remaining=K - len(results[p].traces))
+            w = waves[p]
+            ended = sorted(results[p].traces, key=lambda t: t.trace)
+            voters = [t if t.votes else None for t in ended]
+            lows = [t.lowest_conf if s.vote == "deepconf" else t.min_window_mean
+                    for t in ended if t.trace < s.warmup]
+            if w.end(k, [t.answer if t else None for t in voters],
+                     [t.weight if (t and s.weighting == "confidence") else 1.0 for t in voters], lows):
+                scheduler.settle_group(p)  # in-flight siblings end at their next row (GROUP_CONSENSUS)
+                results[p].traces.extend(TraceResult.dropped(p, j, results[p].reference) for j in w.dropped)
+            results[p].threshold = w.threshold
+            submit(p)
+            if len(results[p].traces) == s.traces:
+                finish_problem(p)
 
-        for p in range(len(problems)):
-            submit(p, range(settings.warmup or K), None)
+        while next_problem < min(limit, len(problems)):
+            next_problem += 1
+            begin(next_problem - 1)
         loop.run(on_finished)
-
-        for problem in results:
-            if deepconf and problem.threshold is not None:
-                for t in problem.traces:
-                    t.eligible = not t.lowest_conf < problem.threshold  # NaN (no token) stays eligible
-            problem.vote("deepconf" if deepconf else settings.weighting)
+        missing = [p for p, r in enumerate(results) if plans[p] is None or len(r.traces) != plans[p].settings.traces]
+        if missing:  # pragma: no cover - every trace ends once (scheduler contract)
+            raise RuntimeError(f"ParallelSampler.run: problems {missing[:5]} did not end all their traces")
         return RunResult(settings=settings, problems=results, loop=loop.stats)
-
-    @staticmethod
-    def _maybe_settle(p: int, problem: ProblemResult, settings: EarlyStopSettings, scheduler: Scheduler,
-                      settled: list[bool], remaining: int) -> None:
-        """Caller-side consensus rules ("beta", "run"); "unbeatable" is the scheduler's own."""
-        if settled[p] or settings.consensus not in ("beta", "run") or remaining == 0:
-            return
-        answers = [t.answer for t in sorted(problem.traces, key=lambda t: t.trace) if t.votes]
-        if vote_settled(answers, rule=settings.consensus, threshold=settings.consensus_threshold,
-                        remaining=remaining):
-            settled[p] = True
-            scheduler.settle_group(p)

@@ -169,20 +169,27 @@ def chain_family(harms: Sequence[int], helps: Sequence[int], n: int, *, epsilon:
 
 def policy_families(config, harms, helps, n: int, test: str) -> dict[str, Family]:
     """The policy's families of tests over one evidence window (policy.py uses
-    exactly these). harms, helps: (R, G + 1) counts per trace option r
-    (config.trace_options; row 0 = all K traces) and candidate (column 0: no
-    cut, column j + 1: grid index j).
+    exactly these). harms, helps: (R, G + 1) counts per strategy row r
+    (config.strategy_rows: row 0 = all K traces at once, then the fewer-trace
+    options, then the consensus strategies) and candidate (column 0: no cut,
+    column j + 1: grid index j).
 
-    "normal": the grid candidates with K traces, epsilon, ``chain_starts``
-    chains. "overload/<K'>": every column of trace option K', at
-    epsilon_overload; weighted Bonferroni over these families (shares summing
-    to 1): a fewer-traces family weighs 2, the all-traces family 1; a
-    fewer-traces chain starts at "no cut" and one chain keeps all its power
-    there."""
+    Normal mode, at epsilon, weighted Bonferroni over the paths (equal
+    shares): "normal" (row 0's grid, ``chain_starts`` chains; its "no cut"
+    is the uncut run itself) and "normal/<r>" per consensus strategy (its
+    columns from "no cut" up, one chain). Overload, at epsilon_overload:
+    "overload/<K'>" every column of trace option K', weighted Bonferroni (a
+    fewer-traces family weighs 2, the all-traces family 1; a fewer-traces
+    chain starts at "no cut" and one chain keeps all its power there)."""
     options = config.trace_options
-    weights = [1.0 if k == config.traces else 2.0 for k in options]
+    consensus_rows = range(len(options), len(config.strategy_rows))
+    share = 1.0 / (1 + len(consensus_rows))
     families = {"normal": chain_family(harms[0][1:], helps[0][1:], n, epsilon=config.epsilon, test=test,
-                                       starts=config.chain_starts)}
+                                       starts=config.chain_starts, share=share)}
+    for r in consensus_rows:
+        families[f"normal/{r}"] = chain_family(harms[r], helps[r], n, epsilon=config.epsilon, test=test, starts=1,
+                                               share=share)
+    weights = [1.0 if k == config.traces else 2.0 for k in options]
     for r, k in enumerate(options):
         families[f"overload/{k}"] = chain_family(harms[r], helps[r], n, epsilon=config.epsilon_overload, test=test,
                                                  starts=config.chain_starts if k == config.traces else 1,

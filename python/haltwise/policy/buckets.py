@@ -73,6 +73,9 @@ class Ramp:
 
     index: int = -1  # grid index in force (-1: no cut)
     target: int = -1
+    strategy: int = 0  # strategy row in force (config.strategy_rows; normal ramps only; 0: K traces at once)
+    target_strategy: int = 0
+    target_certified: list[int] = field(default_factory=list)  # grid indices the target row certified
     traces: int = 0  # traces in force (overload ramps only; 0: unset)
     target_traces: int = 0
     last_raise_seq: int = -(10**18)
@@ -155,6 +158,8 @@ class BucketState:
             out[name] = dict(vars(getattr(self, name)))
         out["normal"]["certified"] = list(self.normal.certified)
         out["overload"]["certified"] = list(self.overload.certified)
+        out["normal"]["target_certified"] = list(self.normal.target_certified)
+        out["overload"]["target_certified"] = list(self.overload.target_certified)
         return out
 
     @classmethod

@@ -29,6 +29,7 @@ from ..scheduler import StopReason
 from ..trace_rules import VOTING_REASONS, vote_weight
 from ..tracebank import window_means
 from ..voting import warmup_threshold
+from .strategy import Strategy, replay_columns
 
 # Rules checked before LOW_CONFIDENCE: the step they fire at is never evaluated by it.
 ENDS_BEFORE_CONFIDENCE = frozenset({StopReason.EOS, StopReason.STOP_SEQUENCE, StopReason.MAX_TOKENS,
@@ -149,33 +150,41 @@ class CandidateOutcomes:
     tokens: np.ndarray
 
 
-def candidate_outcomes(profiles: Sequence[TraceProfile], grid: np.ndarray, trace_options: Sequence[int], *,
+def candidate_outcomes(profiles: Sequence[TraceProfile], grid: np.ndarray, trace_options: Sequence, *,
                        weighting: str) -> CandidateOutcomes:
-    """Replays every candidate (K' in trace_options x {no cut} + grid) on a
-    request's uncut traces (in trace order). trace_options[0] must be the
-    number of traces the request ran: row 0, column 0 is the uncut answer the
-    others are compared with. The vote is
+    """Replays every candidate (a row per strategy x {no cut} + grid) on a
+    request's uncut traces (in trace order). A row is a K' (all traces at
+    once, no consensus, `weighting`) or a :class:`~haltwise.policy.strategy.Strategy`
+    (waves, consensus, its own weighting: strategy.replay). Row 0 must run
+    every trace the request ran with no consensus: its column 0 is the uncut
+    answer the others are compared with. The vote is
     :func:`haltwise.voting.weighted_vote` over the traces that are not cut,
     voted and have an answer."""
+    strategies = [s if isinstance(s, Strategy) else Strategy(int(s), weighting=weighting) for s in trace_options]
     grid = np.asarray(grid, dtype=np.float64)
     G = len(grid)
     thresholds = np.concatenate([[-math.inf], grid])  # -inf: never cuts
     lengths = np.stack([p.cut_lengths(thresholds) for p in profiles]) if profiles else np.zeros((0, G + 1), np.int64)
     lowest = np.array([p.lowest for p in profiles], dtype=np.float64)
     cut = lowest[:, None] < thresholds[None, :]  # NaN lowest: never cut
-    answers = np.full((len(trace_options), G + 1), NO_VOTE, dtype=np.int64)
-    tokens = np.zeros((len(trace_options), G + 1), dtype=np.int64)
-    if not trace_options or trace_options[0] != len(profiles):
+    answers = np.full((len(strategies), G + 1), NO_VOTE, dtype=np.int64)
+    tokens = np.zeros((len(strategies), G + 1), dtype=np.int64)
+    if not strategies or strategies[0].traces != len(profiles) or strategies[0].consensus is not None:
         raise ValueError(f"candidate_outcomes: trace_options[0] must be the request's {len(profiles)} traces, "
                          f"got {tuple(trace_options)}")
     votes = np.array([p.answer if p.answer is not None else NO_VOTE for p in profiles], dtype=np.int64)
-    weights = np.array([p.weight for p in profiles]) if weighting == "confidence" else None
-    for row, k in enumerate(trace_options):
+    all_weights = np.array([p.weight for p in profiles], dtype=np.float64)
+    for row, strategy in enumerate(strategies):
+        k = strategy.traces
         if not 1 <= k <= len(profiles):
             raise ValueError(f"candidate_outcomes: trace_options must be in [1, {len(profiles)}], got {k}")
-        tokens[row] = lengths[:k].sum(axis=0)
-        answers[row] = vote_matrix(votes[:k], None if weights is None else weights[:k], ~cut[:k].T)
-    return CandidateOutcomes(trace_options=tuple(trace_options), answers=answers, tokens=tokens)
+        if strategy.consensus is None:
+            tokens[row] = lengths[:k].sum(axis=0)
+            weights = all_weights[:k] if strategy.weighting == "confidence" else None
+            answers[row] = vote_matrix(votes[:k], weights, ~cut[:k].T)
+        else:
+            answers[row], tokens[row] = replay_columns(strategy, votes, all_weights, lengths.T, ~cut.T, NO_VOTE)
+    return CandidateOutcomes(trace_options=tuple(s.traces for s in strategies), answers=answers, tokens=tokens)
 
 
 def vote_matrix(answers: np.ndarray, weights: np.ndarray | None, kept: np.ndarray) -> np.ndarray:

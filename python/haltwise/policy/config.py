@@ -12,6 +12,7 @@ from typing import Optional
 
 from ..scheduler import CONF_SIGNALS, check_float, check_int
 from .ltt import TESTS, min_evidence
+from .strategy import Strategy
 
 _WHERE = "PolicyConfig"
 
@@ -33,6 +34,10 @@ class PolicyConfig:
     window: int = 16
     min_new_tokens: Optional[int] = None
     weighting: str = "majority"
+    # (wave_size, consensus, consensus_threshold, weighting) of the consensus strategies certified beside the
+    # plain one (K traces at once, no consensus); policy/strategy.py
+    strategies: tuple = ((4, "unbeatable", 1.0, "majority"), (4, "beta", 0.95, "majority"),
+                         (8, "beta", 0.99, "majority"))
     # warm-up, candidates, start
     warmup_requests: int = 8
     keep_percent: float = 90.0
@@ -97,6 +102,24 @@ class PolicyConfig:
         set_("min_new_tokens", self.window if self.min_new_tokens is None
              else check_int(_WHERE, "min_new_tokens", self.min_new_tokens, 0))
         _choice("weighting", self.weighting, ("majority", "confidence"))
+        if isinstance(self.strategies, (str, bytes)) or not hasattr(self.strategies, "__iter__"):
+            raise TypeError(f"{_WHERE}: strategies must be a sequence of (wave_size, consensus, "
+                            f"consensus_threshold, weighting), got {type(self.strategies).__name__}")
+        rows = []
+        for i, item in enumerate(self.strategies):
+            if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 4:
+                raise ValueError(f"{_WHERE}: strategies[{i}] must be (wave_size, consensus, consensus_threshold, "
+                                 f"weighting), got {item!r}")
+            wave, rule, threshold, weighting = item
+            if rule is None:
+                raise ValueError(f"{_WHERE}: strategies[{i}] needs a consensus rule (the plain strategy is always "
+                                 f"there), got None")
+            try:
+                Strategy(self.traces, wave, rule, float(threshold), weighting)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{_WHERE}: strategies[{i}]: {err}") from None
+            rows.append((int(wave), str(rule), float(threshold), str(weighting)))
+        set_("strategies", tuple(rows))
         set_("warmup_requests", check_int(_WHERE, "warmup_requests", self.warmup_requests, 1))
         set_("keep_percent", check_float(_WHERE, "keep_percent", self.keep_percent, 0.0, 100.0))
         if self.keep_percent == 0.0:
@@ -117,7 +140,10 @@ class PolicyConfig:
         if self.retest_ratio <= 1.0:
             raise ValueError(f"{_WHERE}: retest_ratio must be > 1, got {self.retest_ratio}")
         if self.min_evidence is None:  # the least n with which a chain's test can certify anything at checkpoint 1
-            set_("min_evidence", min_evidence(self.epsilon, self.first_level / self.chain_starts, "mcnemar"))
+            # (a consensus strategy's single chain when there are any, else one of row 0's chains)
+            share = 1.0 / (1 + len(self.strategies))
+            chains = 1 if self.strategies else self.chain_starts
+            set_("min_evidence", min_evidence(self.epsilon, self.first_level * share / chains, "mcnemar"))
         set_("min_evidence", check_int(_WHERE, "min_evidence", self.min_evidence, 1))
         floor = min_evidence(self.epsilon, self.delta, "binomial")
         if self.min_evidence < floor:
@@ -169,6 +195,15 @@ class PolicyConfig:
                               delta=self.delta)
 
     @property
+    def strategy_rows(self) -> tuple[Strategy, ...]:
+        """The rows a control request is replayed with: all K traces with no
+        consensus (row 0), the overload trace options, then the consensus
+        strategies with K traces."""
+        plain = tuple(Strategy(k, weighting=self.weighting) for k in self.trace_options)
+        return plain + tuple(Strategy(self.traces, wave, rule, threshold, weighting)
+                             for wave, rule, threshold, weighting in self.strategies)
+
+    @property
     def trace_options(self) -> tuple[int, ...]:
         """K' values a control request is replayed with: traces first, then the overload options."""
         return (self.traces,) + self.overload_traces
@@ -180,6 +215,8 @@ class PolicyConfig:
     def from_json(cls, text: str) -> "PolicyConfig":
         data = json.loads(text)
         data["overload_traces"] = tuple(data.get("overload_traces", ()))
+        if "strategies" in data:
+            data["strategies"] = tuple(tuple(row) for row in data["strategies"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -216,6 +253,8 @@ KNOBS: list[tuple[str, str]] = [
     ("window", "Sliding window W of the group confidence."),
     ("min_new_tokens", "No cut before this many tokens (default: window)."),
     ("weighting", "Vote weighting: 'majority' or 'confidence' (exp mean logprob)."),
+    ("strategies", "Consensus strategies certified beside the plain one (K traces at once): (wave_size, consensus "
+                   "'unbeatable' / 'beta' / 'run', its threshold, weighting); () certifies thresholds only."),
     ("warmup_requests", "First requests of a new bucket that run uncut and calibrate it."),
     ("keep_percent", "DeepConf start: the threshold keeps this percent of warm-up traces."),
     ("start", "Before a bucket (or an ancestor) is certified: 'uncut' (no cut: loses nothing before anything is "

@@ -56,6 +56,7 @@ from .load import LoadMonitor, LoadState
 from .shadow import summarize as summarize_shadow
 from .shadow import would_have
 from .store import PolicyDatabaseError, Store
+from .strategy import Strategy
 
 KINDS = ("warmup", "control", "shadow", "policy")
 # The overload trace count changes only when another count's certified candidate is this much better (relative).
@@ -83,6 +84,8 @@ class Plan:
                 shadowed); None: no cut
     overload:   whether the overload budget applies
     epsilon:    the accuracy budget that certified it
+    strategy:   how its traces run (policy/strategy.py: waves, consensus,
+                weighting); control and warm-up plans run every trace at once
     """
 
     request_id: int
@@ -95,6 +98,11 @@ class Plan:
     threshold: float | None
     overload: bool
     epsilon: float
+    strategy: Strategy | None = None
+
+    def __post_init__(self):
+        if self.strategy is None:
+            object.__setattr__(self, "strategy", Strategy(self.traces))
 
     @property
     def control(self) -> bool:
@@ -360,7 +368,7 @@ class Policy:
                               min_new_tokens=cfg.min_new_tokens, mean_logprob=r["mean_logprob"]) for r in rows]
 
     def _outcomes(self, bucket: BucketState, profiles: list[TraceProfile]) -> CandidateOutcomes:
-        return candidate_outcomes(profiles, np.asarray(bucket.grid), self.config.trace_options,
+        return candidate_outcomes(profiles, np.asarray(bucket.grid), self.config.strategy_rows,
                                   weighting=self.config.weighting)
 
     # ---- planning ---------------------------------------------------------------------
@@ -432,9 +440,10 @@ class Policy:
         source, how = resolve(path)
         shadow = any(b.shadow for b in path)
         # the values of the source: normal (K traces) or, in overload once certified, the overload ones
-        traces, index = cfg.traces, -1
+        traces, index, row = cfg.traces, -1, 0
         normal_index = source.normal.index if source is not None and (how == "certified" or
                                                                       cfg.start == "deepconf") else -1
+        normal_row = source.normal.strategy if source is not None and how == "certified" else 0
         overload_values = overload and how == "certified" and any(b.ready and b.overload_ready for b in path)
         if warm:
             kind = "warmup"
@@ -448,8 +457,11 @@ class Policy:
             # the overload values of the deepest ready bucket whose overload test has certified something
             source = next(b for b in reversed(path) if b.ready and b.overload_ready)
             traces, index = source.overload.traces, source.overload.index
-        elif kind in ("policy", "shadow"):
-            index = normal_index  # shadow shadows the normal threshold on all K traces
+            row = cfg.trace_options.index(traces)
+        elif kind == "policy":
+            index, row = normal_index, normal_row
+        elif kind == "shadow":
+            index = normal_index  # shadow shadows the normal threshold on all K traces at once
         threshold = source.threshold_of(index) if source is not None else None
         run_threshold = threshold if kind in ("policy", "shadow") else None
         stop = dataclasses.replace(
@@ -457,7 +469,8 @@ class Policy:
             low_conf_threshold=run_threshold, shadow=kind == "shadow" and run_threshold is not None,
             record_signals=kind in ("warmup", "control") or base.record_signals)
         epsilon = cfg.epsilon_overload if kind == "policy" and overload_values else cfg.epsilon
-        sliced = "cut" if kind == "policy" and (threshold is not None or traces < cfg.traces) else "uncut"
+        strategy = cfg.strategy_rows[row]
+        sliced = "cut" if kind == "policy" and (threshold is not None or row != 0) else "uncut"
         for bucket in warm:
             bucket.warmup_planned.append(request_id)
             changed.add(bucket.name)
@@ -466,7 +479,7 @@ class Policy:
         self.store.add_request(dict(
             request_id=request_id, seq=seq, bucket=names[-1], kind=kind,
             source=None if source is None else source.name, how=how, traces=traces,
-            threshold=threshold, grid_index=index, overload=int(overload),
+            threshold=threshold, grid_index=index, strategy=row, overload=int(overload),
             shadow=int(kind == "shadow"), sliced=sliced))
         self._seq = seq + 1
         self.store.set_meta("seq", self._seq)
@@ -476,7 +489,7 @@ class Policy:
         return Plan(request_id=request_id, key=names[-1],
                     source=None if source is None else source.name, how=how, kind=kind, stop=stop, traces=traces,
                     threshold=threshold, overload=overload,
-                    epsilon=epsilon)
+                    epsilon=epsilon, strategy=strategy)
 
     def _persist(self, bucket: BucketState) -> None:
         self.store.put_bucket(bucket.name, bucket.to_dict())
@@ -494,8 +507,24 @@ class Policy:
         if not bucket.ready:
             return False
         ramp = bucket.overload if (overload and bucket.overload_ready) else bucket.normal
-        if ramp.target <= ramp.index or seq < bucket.cooldown_until or \
-                seq - ramp.last_raise_seq < cfg.raise_interval:
+        if seq < bucket.cooldown_until or seq - ramp.last_raise_seq < cfg.raise_interval:
+            return False
+        if ramp is bucket.normal and ramp.target_strategy != ramp.strategy and \
+                (ramp.target_certified or ramp.target_strategy == 0):
+            # another strategy certified and clearly better: switch to it at its least aggressive certified value
+            old = (ramp.strategy, ramp.index)
+            ramp.strategy, ramp.certified = ramp.target_strategy, list(ramp.target_certified)
+            ramp.index = min(ramp.certified, default=-1)
+            ramp.target = max(ramp.certified, default=-1)
+            ramp.last_raise_seq = seq
+            self.store.add_audit(seq, bucket.name, "strategy", cfg.strategy_rows[old[0]].name,
+                                 cfg.strategy_rows[ramp.strategy].name,
+                                 {"index": [old[1], ramp.index], "certified": len(ramp.certified)},
+                                 "a certified strategy saves clearly more: switched at its least aggressive "
+                                 "certified threshold")
+            self._reset_slices(bucket, seq)
+            return True
+        if ramp.target <= ramp.index:
             return False
         above = [c for c in ramp.certified if ramp.index < c <= ramp.target]
         if not above:
@@ -583,10 +612,9 @@ class Policy:
                 raise ValueError(f"observe: traces[{i}].reason must be a StopReason, got {t.reason!r}") from None
         return out
 
-    def _vote(self, outcomes: Sequence[TraceOutcome]) -> int | None:
+    def _vote(self, outcomes: Sequence[TraceOutcome], weighting: str) -> int | None:
         voters = [t for t in outcomes if StopReason(int(t.reason)) in VOTING_REASONS and t.answer is not None]
-        weights = [vote_weight(t.mean_logprob) for t in voters] \
-            if self.config.weighting == "confidence" else None
+        weights = [vote_weight(t.mean_logprob) for t in voters] if weighting == "confidence" else None
         return weighted_vote([int(t.answer) for t in voters], weights)
 
     def _observe(self, row: dict, outcomes: list[TraceOutcome]) -> int | None:
@@ -594,7 +622,7 @@ class Policy:
         rid, kind = row["request_id"], row["kind"]
         names = path_of(normalize_key(row["bucket"]))
         path = [self._bucket(name) for name in names]
-        served = self._vote(outcomes)
+        served = self._vote(outcomes, cfg.strategy_rows[row.get("strategy", 0)].weighting)
         tokens = sum(int(t.num_tokens) for t in outcomes)
         cut = sum(StopReason(int(t.reason)) == StopReason.LOW_CONFIDENCE for t in outcomes)
         update = dict(observed=1, served_answer=_optional_int(served), tokens=tokens, cut_traces=cut)
@@ -910,17 +938,35 @@ class Policy:
         sets, checkpoint = Certifier(cfg.schedule()).evaluate(anytime, families)
         bucket.anytime = anytime.to_dict()
         bucket.ready = anytime.checkpoints >= 1
-        certified = sets["normal"]
-        table = stats.table(0, [None] + list(bucket.grid), cfg)
-        target = max(certified, default=-1)
-        if cfg.objective == "value" and certified:
-            target = max(certified, key=lambda c: (table[c + 1]["value"], c))
+        # normal mode: every certified (strategy row, grid index); row 0's "no cut" is the uncut run itself
+        rows = {0: list(sets["normal"])}
+        for name, cols in sets.items():
+            if name.startswith("normal/"):
+                rows[int(name.split("/")[1])] = [c - 1 for c in cols]
+        tables = {r: stats.table(r, [None] * (G + 1), cfg) for r in rows} if cfg.objective == "value" else {}
+
+        def score(rc: tuple[int, int]) -> float:  # higher is better
+            r, c = rc
+            return tables[r][c + 1]["value"] if tables else -float(tokens[r, c + 1])
+
+        ramp = bucket.normal
         guard = self._guard(bucket)
-        if guard is not None and bucket.ready and bucket.normal.index >= 0 and target >= bucket.normal.index:
-            certified = [c for c in certified if c < bucket.normal.index]
-            target = max(certified, default=-1)
+        if guard is not None and bucket.ready and (ramp.strategy != 0 or ramp.index >= 0):
+            # step back: only the candidates of the row in force below the value in force
+            rows = {0: [c for c in rows.get(0, []) if ramp.strategy == 0 and c < ramp.index]}
+            if ramp.strategy:
+                rows[ramp.strategy] = [c for c in rows.get(ramp.strategy, []) if c < ramp.index]
         else:
             guard = None
+        pairs = [(0, -1)] + [(r, c) for r, cs in rows.items() for c in cs]
+        best = max(pairs, key=lambda rc: (score(rc), rc[1]))
+        mine = [rc for rc in pairs if rc[0] == ramp.strategy]
+        if mine and best[0] != ramp.strategy:
+            kept = max(mine, key=lambda rc: (score(rc), rc[1]))
+            if score(best) - score(kept) < _FAMILY_MARGIN * abs(score(kept)):
+                best = kept  # hysteresis: change the strategy only for a clear gain
+        target_row, target = best
+        certified = rows.get(0, [])
         candidates = []
         for r in range(R):
             cols = sets[f"overload/{cfg.trace_options[r]}"]
@@ -935,10 +981,14 @@ class Policy:
         if best is not None and current is not None and best is not current and \
                 best[0] - current[0] < _FAMILY_MARGIN * abs(current[0]):
             best = current  # hysteresis: switch the trace count only for a clear gain
-        fail = next((c for c in range(G) if c not in certified and c > target), None) if target < G - 1 else None
+        row0_target = max(certified, default=-1)
+        fail = next((c for c in range(G) if c not in certified and c > row0_target), None)
         bucket.last_eval = {
             "seq": self._seq, "n": n, "control": stats.control, "test": test, "certified": len(certified),
-            "target": target, "em_uncut": correct_uncut, "tokens_uncut": float(tokens[0, 0]),
+            "target": target, "strategy": cfg.strategy_rows[target_row].name,
+            "strategies_certified": {cfg.strategy_rows[r].name: len(cs) for r, cs in rows.items()},
+            "tokens_target": float(tokens[target_row, target + 1]),
+            "em_uncut": correct_uncut, "tokens_uncut": float(tokens[0, 0]),
             "first_uncertified": None if fail is None else
             {"index": fail, "threshold": bucket.grid[fail], "harms": int(harms[0, fail + 1]),
              "helps": int(helps[0, fail + 1])},
@@ -953,7 +1003,7 @@ class Policy:
             self.store.add_audit(self._seq, bucket.name, "ready", False, True,
                                  {"labeled": n, "control": stats.control, "min_evidence": cfg.min_evidence},
                                  "first checkpoint of the re-test schedule reached: the bucket's own test now decides")
-        self._set_target(bucket, certified, target, n, test, harms, helps, guard)
+        self._set_target(bucket, rows, target_row, target, n, test, harms, helps, guard)
         if best is not None:
             self._set_overload_target(bucket, best[1], best[2], best[3], n, test)
         elif bucket.overload_ready:
@@ -961,38 +1011,59 @@ class Policy:
             self.store.add_audit(self._seq, bucket.name, "overload_threshold", None, None, {"n": n, "test": test},
                                  "no overload candidate certified: overload runs the normal values")
 
-    def _set_target(self, bucket: BucketState, certified: list[int], target: int, n: int, test: str, harms, helps,
-                    guard) -> None:
-        """New certified set and target of the normal mode; a value in force
-        that is no longer certified (or above the target) drops at once to the
-        most aggressive certified candidate below it."""
+    def _set_target(self, bucket: BucketState, rows: dict[int, list[int]], target_row: int, target: int, n: int,
+                    test: str, harms, helps, guard) -> None:
+        """New certified sets and target of the normal mode. A value in force
+        that is no longer certified (or above the target in its row) drops at
+        once: to the most aggressive certified candidate below it in its row,
+        or, when its row has none, to the uncut plain strategy (row 0, no cut)."""
         cfg = self.config
         ramp = bucket.normal
-        old_target = ramp.target
-        ramp.certified, ramp.target = list(certified), target
-        if ramp.index > target or (ramp.index >= 0 and ramp.index not in certified):
-            old = ramp.index
-            ramp.index = max((c for c in certified if c <= min(old, target)), default=-1)
+        old_target = (ramp.target_strategy, ramp.target)
+        certified = rows.get(ramp.strategy, [])
+        ramp.certified = list(certified)
+        ramp.target_strategy, ramp.target_certified = target_row, list(rows.get(target_row, []))
+        # the target within the row in force (its best certified one when the strategy will change)
+        ramp.target = target if target_row == ramp.strategy else max(certified, default=-1)
+        allowed = ramp.index in certified or (ramp.strategy == 0 and ramp.index == -1)
+        if not allowed or ramp.index > ramp.target:
+            old = (ramp.strategy, ramp.index)
+            below = [c for c in certified if c <= min(ramp.index, ramp.target)]
+            if ramp.strategy != 0 and not below:
+                ramp.strategy, ramp.index = 0, -1
+                ramp.certified = list(rows.get(0, []))
+                ramp.target = target if target_row == 0 else max(ramp.certified, default=-1)
+            else:
+                ramp.index = max(below, default=-1)
             bucket.cooldown_until = self._seq + cfg.cooldown
-            evidence = {"n": n, "test": test, "epsilon": cfg.epsilon, "delta": cfg.delta, "index": [old, ramp.index],
+            evidence = {"n": n, "test": test, "epsilon": cfg.epsilon, "delta": cfg.delta,
+                        "index": [old[1], ramp.index], "strategy": [cfg.strategy_rows[old[0]].name,
+                                                                    cfg.strategy_rows[ramp.strategy].name],
                         "certified": len(certified)}
-            if old >= 0:
-                h, g = int(harms[0, old + 1]), int(helps[0, old + 1])
+            if old[1] >= 0 or old[0]:
+                h, g = int(harms[old[0], old[1] + 1]), int(helps[old[0], old[1] + 1])
                 evidence.update(harms=h, helps=g, p_value=ltt.p_value(test, h, g, n, cfg.epsilon))
             if guard is not None:
                 evidence["guard"] = guard
                 reason = (f"user-report guard: bad-report rate on cut answers {guard['cut_rate']:.3f} vs uncut "
                           f"{guard['uncut_rate']:.3f} (z={guard['z']:.1f}); stepped back")
             else:
-                reason = (f"lowered at once: the threshold in force is no longer certified (EM drop <= "
+                reason = (f"lowered at once: the value in force is no longer certified (EM drop <= "
                           f"{cfg.epsilon} not shown at 1 - delta = {1 - cfg.delta:.2f})")
-            self.store.add_audit(self._seq, bucket.name, "threshold", bucket.threshold_of(old),
-                                 bucket.threshold_of(ramp.index), evidence, reason)
+            if old[0] != ramp.strategy:
+                evidence["threshold"] = [bucket.threshold_of(old[1]), bucket.threshold_of(ramp.index)]
+                self.store.add_audit(self._seq, bucket.name, "strategy", cfg.strategy_rows[old[0]].name,
+                                     cfg.strategy_rows[ramp.strategy].name, evidence, reason)
+            else:
+                self.store.add_audit(self._seq, bucket.name, "threshold", bucket.threshold_of(old[1]),
+                                     bucket.threshold_of(ramp.index), evidence, reason)
             self._reset_slices(bucket, self._seq)
-        elif target != old_target:
-            self.store.add_audit(self._seq, bucket.name, "target", bucket.threshold_of(old_target),
+        elif (target_row, target) != old_target:
+            self.store.add_audit(self._seq, bucket.name, "target", bucket.threshold_of(old_target[1]),
                                  bucket.threshold_of(target),
-                                 {"n": n, "test": test, "index": [old_target, target], "in_force": ramp.index,
+                                 {"n": n, "test": test, "index": [old_target[1], target], "in_force": ramp.index,
+                                  "strategy": [cfg.strategy_rows[old_target[0]].name,
+                                               cfg.strategy_rows[target_row].name],
                                   "certified": len(certified)},
                                  "certified target moved; the value in force follows at the rate limit")
 
@@ -1117,6 +1188,7 @@ class Policy:
                     "frozen": b.frozen, "ready": b.ready, "shadow": b.shadow,
                     "threshold": b.threshold_of(b.normal.index), "target": b.threshold_of(b.normal.target),
                     "index": b.normal.index, "traces": self.config.traces,
+                    "strategy": self.config.strategy_rows[b.normal.strategy].name,
                     "overload_threshold": b.threshold_of(b.overload.index) if b.overload_ready else None,
                     "overload_traces": (b.overload.traces or b.overload.target_traces) if b.overload_ready else None,
                     "labeled": b.labeled, "control": b.control,

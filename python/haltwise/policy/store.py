@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TABLES = ("meta", "buckets", "requests", "traces", "evidence", "feedback", "audit")
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS requests (
     traces INTEGER NOT NULL,
     threshold REAL,
     grid_index INTEGER NOT NULL,
+    strategy INTEGER NOT NULL DEFAULT 0,
     overload INTEGER NOT NULL,
     shadow INTEGER NOT NULL,
     sliced TEXT NOT NULL,

@@ -1,0 +1,131 @@
+"""A strategy is the whole way a request runs beside its cut threshold: how
+many traces (K'), in waves of what size, which consensus rule ends the vote
+early, and how votes are weighted. The policy certifies (strategy, threshold)
+pairs; this module replays a strategy on a control request's uncut traces,
+for every candidate threshold at once, exactly as the parallel-sampling
+drivers run it (decoding/waves.py):
+
+* the first K' traces run (trace k is the same sample whatever the plan:
+  noise is keyed by request and position), each cut where the threshold cuts
+  it (calibration.TraceProfile);
+* "beta" / "run" settle only at wave boundaries, on the traces of the waves
+  so far: the replayed vote and tokens are exact;
+* "unbeatable" is checked after every trace; its answer is the full vote's
+  (the leader could no longer be overturned), so the replayed answer is
+  exact. Its tokens assume the traces of a wave start together and end after
+  their lengths (the siblings in flight are charged up to the settling
+  moment): exact while a wave fits in the batch, an estimate otherwise --
+  tokens only steer which certified candidate is chosen, never what is
+  certified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..voting import vote_settled, weighted_vote
+
+CONSENSUS_RULES = (None, "unbeatable", "beta", "run")
+WEIGHTINGS = ("majority", "confidence")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """traces: K'; wave_size: traces per wave (0: all at once); consensus:
+    None, "unbeatable", "beta" or "run" with its consensus_threshold;
+    weighting: "majority" or "confidence"."""
+
+    traces: int
+    wave_size: int = 0
+    consensus: str | None = None
+    consensus_threshold: float = 0.95
+    weighting: str = "majority"
+
+    def __post_init__(self):
+        if isinstance(self.traces, bool) or not isinstance(self.traces, int) or self.traces < 1:
+            raise ValueError(f"Strategy: traces must be an int >= 1, got {self.traces!r}")
+        if isinstance(self.wave_size, bool) or not isinstance(self.wave_size, int) or self.wave_size < 0:
+            raise ValueError(f"Strategy: wave_size must be an int >= 0, got {self.wave_size!r}")
+        if self.consensus not in CONSENSUS_RULES:
+            raise ValueError(f"Strategy: consensus must be one of {CONSENSUS_RULES}, got {self.consensus!r}")
+        if self.consensus in ("beta", "run") and not self.wave_size:
+            raise ValueError(f"Strategy: consensus {self.consensus!r} is checked at wave boundaries and needs "
+                             f"wave_size > 0, got {self.wave_size}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"Strategy: weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+
+    @property
+    def name(self) -> str:
+        parts = [f"K={self.traces}"]
+        if self.wave_size:
+            parts.append(f"waves of {self.wave_size}")
+        if self.consensus == "unbeatable":
+            parts.append("unbeatable")
+        elif self.consensus is not None:
+            parts.append(f"{self.consensus} {self.consensus_threshold:g}")
+        if self.weighting != "majority":
+            parts.append(self.weighting)
+        return ", ".join(parts)
+
+    def to_list(self) -> list:
+        return [self.traces, self.wave_size, self.consensus, self.consensus_threshold, self.weighting]
+
+
+def replay(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float],
+           lengths: Sequence[int]) -> tuple[int | None, int]:
+    """(voted answer, tokens) of `strategy` on one request's traces under one
+    cut: answers[k] is trace k's vote (None: cut, no answer or no vote),
+    weights[k] its confidence weight, lengths[k] its tokens under the cut."""
+    K = strategy.traces
+    answers, lengths = list(answers[:K]), [int(n) for n in lengths[:K]]
+    weights = list(weights[:K]) if strategy.weighting == "confidence" else [1.0] * K
+    rule = strategy.consensus
+    if rule is None:
+        return weighted_vote(answers, weights), sum(lengths)
+    wave = strategy.wave_size or K
+    starts = range(0, K, wave)
+    if rule != "unbeatable":
+        for start in starts:
+            end = min(start + wave, K)
+            if end < K and vote_settled(answers[:end], rule=rule, threshold=strategy.consensus_threshold,
+                                        remaining=K - end):
+                return weighted_vote(answers[:end], weights[:end]), sum(lengths[:end])
+        return weighted_vote(answers, weights), sum(lengths)
+    # unbeatable: after every trace, in the order they end (wave by wave, shortest first, ties by index)
+    ended: list[int] = []
+    for start in starts:
+        members = range(start, min(start + wave, K))
+        for k in sorted(members, key=lambda i: (lengths[i], i)):
+            ended.append(k)
+            order = sorted(ended)
+            if len(ended) < K and vote_settled([answers[i] for i in order], rule="unbeatable", threshold=0.0,
+                                               remaining=K - len(ended), weights=[weights[i] for i in order]):
+                at = lengths[k]  # the settling moment within the wave: siblings in flight stop there
+                tokens = sum(lengths[i] for i in ended) + sum(at for i in members if i not in ended)
+                return weighted_vote([answers[i] for i in order], [weights[i] for i in order]), tokens
+    return weighted_vote(answers, weights), sum(lengths)
+
+
+def replay_columns(strategy: Strategy, answers: np.ndarray, weights: np.ndarray, lengths: np.ndarray,
+                   kept: np.ndarray, no_vote: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`replay` for every cut column at once: answers int64 (K,)
+    (no_vote: none), weights (K,), lengths int64 (T, K) tokens per column,
+    kept bool (T, K) (not cut). Returns int64 (T,) answers (no_vote: none)
+    and int64 (T,) tokens. Columns with the same cut pattern and lengths are
+    replayed once."""
+    T = lengths.shape[0]
+    out_answers = np.full(T, no_vote, dtype=np.int64)
+    out_tokens = np.zeros(T, dtype=np.int64)
+    seen: dict[tuple, tuple[int | None, int]] = {}
+    K = strategy.traces
+    for t in range(T):
+        key = (kept[t, :K].tobytes(), lengths[t, :K].tobytes())
+        if key not in seen:
+            votes = [int(a) if (keep and a != no_vote) else None for a, keep in zip(answers[:K], kept[t, :K])]
+            seen[key] = replay(strategy, votes, weights[:K], lengths[t, :K])
+        answer, tokens = seen[key]
+        out_answers[t] = no_vote if answer is None else answer
+        out_tokens[t] = tokens
+    return out_answers, out_tokens
