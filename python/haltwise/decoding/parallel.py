@@ -119,6 +119,8 @@ class TraceResult:
     signals: dict | None = None
     lowest_conf: float = math.nan  # lowest_group_confidence of the run's signal
     eligible: bool = True  # vote="deepconf": lowest_conf >= the problem's threshold
+    would_stop_step: int = -1  # shadow mode (StopConfig.shadow): where the cut would have fired
+    would_stop_reason: int | None = None
 
     @classmethod
     def from_record(cls, record: Finished, problem: int, trace: int, answer: int | None,
@@ -127,7 +129,8 @@ class TraceResult:
         return cls(problem=problem, trace=trace, reason=StopReason(record.reason), num_tokens=record.num_tokens,
                    answer=answer, correct=answer is not None and answer == reference,
                    min_window_mean=record.min_window_mean, mean_logprob=record.mean_logprob,
-                   signals=record.signals)
+                   signals=record.signals, would_stop_step=int(record.would_stop_step),
+                   would_stop_reason=None if record.would_stop_reason is None else int(record.would_stop_reason))
 
     @classmethod
     def dropped(cls, problem: int, trace: int, reference: int) -> "TraceResult":

@@ -4,26 +4,26 @@ the body of `haltwise bench` run "policy".
 Each problem is one policy request (request id ``request_offset + index``):
 the policy's plan gives the number of traces and the StopConfig of all of
 them (control and warm-up plans run uncut with signals kept; policy plans
-with the threshold in force); the problem's answer is the vote of the traces
-that ended on their own, as in haltwise.decoding.parallel (ties go to the
-lower trace index, as in the replay). Problems run in
-chunks of ``chunk``: after each chunk the finished problems are reported to
-the policy (observe) and labelled (feedback with the reference), so the
-policy learns within the run as it would in service. The first chunk is all
-planned before any label exists, so a fresh policy starts it in warm-up /
-DeepConf start; pass a policy already calibrated (e.g. by
-:func:`calibrate_from_run` on run `uncut`'s traces) to start certified.
+with the threshold and strategy in force); the problem's answer is the vote
+of the traces that ended on their own, as in haltwise.decoding.parallel
+(ties go to the lower trace index, as in the replay). At most ``chunk``
+problems are in flight; each is reported to the policy (observe) and
+labelled (feedback with the reference) as soon as its traces have ended, so
+the policy learns within the run as it would in service. The first problems
+are planned before any label exists, so a fresh policy starts them in
+warm-up; pass a policy already calibrated (e.g. by :func:`calibrate_from_bank`
+on the shipped trace bank) to start certified.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
-from ..decoding.loop import DecodeLoop
-from ..decoding.parallel import (VOTING_REASONS, EarlyStopSettings, ParallelSampler, ProblemResult, RunResult,
-                                 TraceResult)
-from ..scheduler import Finished, Scheduler, StopConfig
-from ..stepper import Stepper
+import numpy as np
+
+from ..decoding.parallel import EarlyStopSettings, ParallelSampler, ProblemPlan, ProblemResult, RunResult
+from ..scheduler import StopConfig
 from ..tracebank import NO_ANSWER, TraceBank
 from .policy import Policy, TraceOutcome
 
@@ -33,53 +33,48 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
                  chunk: int = 64, request_offset: int = 0, label: Callable[[int], bool] = lambda index: True,
                  name: str = "policy (adaptive, certified)",
                  progress: Callable[[int], None] | None = None) -> RunResult:
-    """Decodes every problem under the policy's plans; returns a RunResult
-    like ParallelSampler.run (settings.traces is the policy's normal K; a
-    ProblemResult's threshold is the plan's). `label(index)` says which
-    problems get their label fed back (default: all)."""
+    """Decodes every problem under the policy's plans on the sampler's one
+    parallel decode loop (ParallelSampler.run's per-problem plan hook): at
+    most `chunk` problems in flight; each is planned when it starts (its
+    trace count, threshold and strategy: waves, consensus, weighting) and
+    observed, then labelled, as soon as its traces have ended, so later
+    problems run on what the earlier ones taught. Returns a RunResult like
+    ParallelSampler.run (settings.traces is the policy's K; a ProblemResult's
+    threshold is its plan's). `label(index)` says which problems get their
+    label fed back (default: all)."""
     cfg = policy.config
-    task = sampler.task
     settings = EarlyStopSettings(name=name, key="policy", traces=cfg.traces, signal=cfg.signal, window=cfg.window,
                                  max_new_tokens=max_new_tokens)
-    K = max(cfg.trace_options)
-    scheduler = Scheduler(sampler.capacity, layout="slots")
-    stepper = Stepper(scheduler, temperature=sampler.temperature, top_k_conf=sampler.top_k_conf, seed=sampler.seed,
-                      backend=sampler.backend)
-    loop = DecodeLoop(sampler.runner_factory(sampler.capacity), scheduler, stepper)
-    results = [ProblemResult(answer=None, reference=task.reference(p), threshold=None) for p in problems]
-    base = StopConfig(eos_ids=tuple(task.eos_ids))
-    records: dict[int, list[Finished | None]] = {}
-    answers: dict[int, list[int | None]] = {}
+    base = StopConfig(eos_ids=tuple(sampler.task.eos_ids))
 
-    def on_finished(record: Finished) -> None:
-        p, k = divmod(record.request_id, K)
-        answer = task.answer_of(record.tokens) if record.reason in VOTING_REASONS else None
-        records[p][k] = record
-        answers[p][k] = answer
-        results[p].traces.append(TraceResult.from_record(record, p, k, answer, results[p].reference))
-        if progress is not None:
-            progress(1)
+    def plan(p: int) -> ProblemPlan:
+        chosen = policy.plan(request_offset + p, key(problems[p]), base=base)
+        s = chosen.strategy
+        return ProblemPlan(dataclasses.replace(settings, traces=chosen.traces, wave_size=s.wave_size,
+                                               consensus=s.consensus, consensus_threshold=s.consensus_threshold,
+                                               weighting=s.weighting, threshold=chosen.stop.low_conf_threshold),
+                           stop=chosen.stop)
 
-    for lo in range(0, len(problems), chunk):
-        batch = range(lo, min(lo + chunk, len(problems)))
-        for p in batch:
-            plan = policy.plan(request_offset + p, key(problems[p]), base=base)
-            results[p].threshold = plan.threshold
-            records[p] = [None] * plan.traces
-            answers[p] = [None] * plan.traces
-            prompt = task.prompt_ids(problems[p])
-            for k in range(plan.traces):  # trace k of problem p: request id p * K + k (noise keyed by it)
-                loop.submit(p * K + k, prompt, max_new_tokens=max_new_tokens, group=p, stop=plan.stop)
-        loop.run(on_finished)
-        for p in batch:
-            served = policy.observe(request_offset + p, records[p], answers[p])
-            results[p].vote(cfg.weighting)
-            if served != results[p].answer:  # pragma: no cover - the two votes are the same rule
-                raise RuntimeError(f"run_adaptive: the policy counted answer {served} for problem {p}, "
-                                   f"the run {results[p].answer}")
-            if label(p):
-                policy.feedback(request_offset + p, results[p].correct, reference=int(results[p].reference))
-    return RunResult(settings=settings, problems=results, loop=loop.stats)
+    def done(p: int, result: ProblemResult) -> None:
+        traces = sorted(result.traces, key=lambda t: t.trace)
+        outcomes = [TraceOutcome(answer=t.answer, num_tokens=t.num_tokens, reason=int(t.reason),
+                                 signal=None if t.signals is None else oriented(t.signals, cfg.signal),
+                                 mean_logprob=t.mean_logprob, would_stop_step=t.would_stop_step,
+                                 would_stop_reason=t.would_stop_reason) for t in traces]
+        served = policy.observe(request_offset + p, outcomes)
+        if served != result.answer:  # pragma: no cover - the two votes are the same rule
+            raise RuntimeError(f"run_adaptive: the policy counted answer {served} for problem {p}, "
+                               f"the run {result.answer}")
+        if label(p):
+            policy.feedback(request_offset + p, result.correct, reference=int(result.reference))
+
+    return sampler.run(problems, settings, plan=plan, done=done, max_problems=chunk, progress=progress)
+
+
+def oriented(signals: dict, name: str) -> np.ndarray:
+    """A recorded trace's per-token values of the policy's signal, higher = more confident."""
+    return -np.asarray(signals["entropy"], np.float32) if name == "neg_entropy" else np.asarray(signals[name],
+                                                                                                np.float32)
 
 
 def calibrate_from_run(policy: Policy, run: RunResult, problems: Sequence, *,
@@ -97,7 +92,7 @@ def calibrate_from_run(policy: Policy, run: RunResult, problems: Sequence, *,
         if any(t.signals is None for t in result.traces[: cfg.traces]):
             raise ValueError("calibrate_from_run: the run must record signals (EarlyStopSettings.record_signals)")
         outcomes = [TraceOutcome(answer=t.answer, num_tokens=t.num_tokens, reason=int(t.reason),
-                                 signal=-t.signals["entropy"] if cfg.signal == "neg_entropy" else t.signals[cfg.signal],
+                                 signal=oriented(t.signals, cfg.signal),
                                  mean_logprob=t.mean_logprob)
                     for t in result.traces[: cfg.traces]]
         _calibrate_one(policy, request_offset + i, key(problem), outcomes, int(result.reference))

@@ -1,0 +1,118 @@
+"""Strategies (policy/strategy.py): a strategy replayed on a request's uncut
+traces gives exactly what the parallel-sampling loop does live with it (the
+premise of certifying strategies counterfactually), and the policy puts a
+certified consensus strategy in force."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from test_policy_sampling import problems, sampler  # noqa: F401  (the module-scoped fixture)
+
+from haltwise.decoding.parallel import EarlyStopSettings
+from haltwise.policy import Policy, PolicyConfig, TraceOutcome
+from haltwise.policy.calibration import NO_VOTE, candidate_outcomes, trace_profile
+from haltwise.policy.strategy import Strategy, replay
+from haltwise.scheduler import StopReason
+
+K, WINDOW, MAX_NEW = 8, 4, 10
+LIVE = [
+    Strategy(K, 2, "beta", 0.9),
+    Strategy(K, 2, "run", 2.0),
+    Strategy(K, 4, "beta", 0.8, "confidence"),
+    Strategy(K, 2, "unbeatable"),
+    Strategy(K, 0, "unbeatable"),
+]
+
+
+def _settings(strategy: Strategy | None = None, threshold: float | None = None, **extra) -> EarlyStopSettings:
+    s = strategy or Strategy(K)
+    return EarlyStopSettings(traces=K, max_new_tokens=MAX_NEW, window=WINDOW, wave_size=s.wave_size,
+                             consensus=s.consensus, consensus_threshold=s.consensus_threshold,
+                             weighting=s.weighting, threshold=threshold, **extra)
+
+
+@pytest.fixture(scope="module")
+def uncut(sampler):  # noqa: F811
+    probs = problems(24, 5)
+    return probs, sampler.run(probs, _settings(record_signals=True))
+
+
+def _profiles(result):
+    return [trace_profile(np.asarray(t.signals["logprob"], np.float16), reason=int(t.reason), answer=t.answer,
+                          window=WINDOW, min_new_tokens=WINDOW, mean_logprob=t.mean_logprob)
+            for t in sorted(result.traces, key=lambda t: t.trace)]
+
+
+@pytest.mark.parametrize("strategy", LIVE, ids=lambda s: s.name)
+def test_replayed_strategy_matches_the_live_run(sampler, uncut, strategy):  # noqa: F811
+    """Answers always; tokens too for the rules checked at wave boundaries."""
+    probs, base = uncut
+    lowests = [p.lowest for r in base.problems for p in _profiles(r) if not math.isnan(p.lowest)]
+    threshold = float(np.quantile(lowests, 0.3))  # cuts some traces, not all
+    for cut in (None, threshold):
+        live = sampler.run(probs, _settings(strategy, cut))
+        column = 0 if cut is None else 1
+        settled = 0
+        for p, (result, twin) in enumerate(zip(live.problems, base.problems)):
+            assert sorted(t.trace for t in result.traces) == list(range(K))
+            grid = np.array([threshold - 1e-9 if cut is None else threshold])
+            out = candidate_outcomes(_profiles(twin), grid, (K, strategy), weighting="majority")
+            replayed = out.answers[1, column]
+            assert (None if replayed == NO_VOTE else replayed) == result.answer, (p, cut)
+            settled += any(t.reason == StopReason.GROUP_CONSENSUS for t in result.traces)
+            if strategy.consensus != "unbeatable":
+                assert out.tokens[1, column] == sum(t.num_tokens for t in result.traces), (p, cut)
+        if cut is None:
+            assert settled, f"{strategy.name}: no problem settled early: the check proves little"
+
+
+def test_replay_rules_by_hand():
+    answers, weights = [1, 1, 1, 1, 2, 1], [1.0] * 6
+    lengths = [5, 6, 7, 8, 9, 10]
+    # beta 0.9 in waves of 2: after wave 1 (2-0) P = 1 - 1/8 = 0.875 < 0.9; after wave 2 (4-0) P = 1 - 1/32: settled
+    assert replay(Strategy(6, 2, "beta", 0.9), answers, weights, lengths) == (1, 5 + 6 + 7 + 8)
+    # unbeatable, all at once: 4-0 when the 4th trace ends (length 8), 2 remaining: 4 > 0 + 2; the two in
+    # flight are charged up to that moment
+    assert replay(Strategy(6, 0, "unbeatable"), answers, weights, lengths) == (1, 5 + 6 + 7 + 8 + 8 + 8)
+    # beta would have settled on 3-1 never: with a 2 in the first wave it waits for the whole vote
+    assert replay(Strategy(6, 2, "beta", 0.9), [1, 2, 1, 1, 1, 1], weights, lengths) == (1, 45)
+    # no consensus: every trace
+    assert replay(Strategy(6), [1, 1, 2, 1, 1, 1], weights, lengths) == (1, 45)
+    # fewer traces: the first K'
+    assert replay(Strategy(3), [None, 2, 1], weights, lengths) == (2, 18)
+
+
+def test_strategy_arguments_are_checked():
+    with pytest.raises(ValueError, match="needs wave_size > 0"):
+        Strategy(8, 0, "beta")
+    with pytest.raises(ValueError, match="consensus must be one of"):
+        Strategy(8, 2, "vote")
+    with pytest.raises(ValueError, match=r"strategies\[0\]"):
+        PolicyConfig(traces=8, strategies=((0, "run", 2.0, "majority"),))
+    with pytest.raises(ValueError, match=r"strategies\[0\] needs a consensus rule"):
+        PolicyConfig(traces=8, strategies=((2, None, 1.0, "majority"),))
+
+
+def test_a_certified_consensus_strategy_is_put_in_force():
+    """Every trace agrees with the reference: no strategy can harm, so the one
+    that saves most (waves + consensus) is certified and reached."""
+    cfg = PolicyConfig(epsilon=0.2, epsilon_overload=0.3, traces=K, warmup_requests=2, min_evidence=15, evidence_window=100,
+                       control_boost=0.5, control_fraction=0.3, grid_size=6, evaluate_every=2, raise_interval=1,
+                       cooldown=5, window=WINDOW, min_new_tokens=2,
+                       strategies=((2, "unbeatable", 1.0, "majority"), (2, "beta", 0.9, "majority")))
+    policy = Policy(cfg)
+    rng = np.random.default_rng(0)
+    strategies = []
+    for rid in range(150):
+        plan = policy.plan(rid)
+        strategies.append(plan.strategy)
+        traces = [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
+                               signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
+                  for _ in range(plan.traces)]
+        policy.observe(rid, traces)
+        policy.feedback(rid, True, reference=7)
+    assert strategies[-1] == Strategy(K, 2, "beta", 0.9), [s.name for s in strategies[-5:]]
+    assert any(a["field"] == "strategy" for a in policy.audit())
+    assert policy.thresholds()[""]["strategy"] == "K=8, waves of 2, beta 0.9"
