@@ -239,3 +239,20 @@ def test_vllm_row_table_metrics_without_vllm():
     # fed: the cut row its 3 tokens (min_new_tokens); the other row every token known at its last apply (7)
     assert samples[("haltwise_tokens_generated_total", ())] == 3 + 7
     assert samples[("haltwise_tokens_saved_upper_bound_total", ())] == 20 - 3 - 1  # less the forced end token
+
+
+def test_docs_list_every_metric_with_its_type_and_labels():
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    metrics = HaltwiseMetrics(CollectorRegistry())
+    found = 0
+    for metric in vars(metrics).values():
+        if not isinstance(metric, prometheus_client.metrics.MetricWrapperBase):
+            continue
+        found += 1
+        scraped = metric._name + ("_total" if metric._type == "counter" else "")
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{scraped}` |")), None)
+        assert row is not None, f"docs/metrics.md has no row for {scraped}"
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[1].startswith(metric._type), (scraped, cells[1])
+        assert [label.strip("` ") for label in cells[2].split(",") if label.strip()] == list(metric._labelnames)
+    assert found == 6
