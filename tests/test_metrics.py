@@ -256,3 +256,34 @@ def test_docs_list_every_metric_with_its_type_and_labels():
         assert cells[1].startswith(metric._type), (scraped, cells[1])
         assert [label.strip("` ") for label in cells[2].split(",") if label.strip()] == list(metric._labelnames)
     assert found == 6
+
+
+def test_decode_loop_metrics_equal_what_the_loop_produced():
+    """A real decode: a small random GPT through DecodeLoop, its Stepper counting."""
+    from haltwise.decoding.loop import DecodeLoop
+    from haltwise.decoding.runners import GPTRunner
+    from haltwise.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=23, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=96)).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(8.0)  # some confident rows, some not
+    registry = CollectorRegistry()
+    scheduler = Scheduler(4, layout="slots")
+    stepper = Stepper(scheduler, temperature=1.0, top_k_conf=5, seed=7, backend="native",
+                      metrics=get_metrics(registry))
+    loop = DecodeLoop(GPTRunner(model, 4, max_len=64), scheduler, stepper)
+    for rid in range(10):
+        stop = StopConfig(eos_ids=(2,), low_conf_signal="topk_conf", low_conf_threshold=[None, 2.5][rid % 2],
+                          window=4)
+        loop.submit(rid, [3 + rid, 5, 7], max_new_tokens=20, stop=stop)
+    records = []
+    with torch.no_grad():
+        stats = loop.run(records.append)
+    samples = scrape(registry)
+    assert finished_by_reason(samples) == dict(Counter(r.reason.name for r in records))
+    assert len(records) == 10 and len({r.reason for r in records}) >= 2, [r.reason for r in records]
+    # no request was cancelled or settled, so every row stepped appended a token
+    assert samples[("haltwise_tokens_generated_total", ())] == stats.tokens == sum(r.num_tokens for r in records)
+    saved = sum(20 - r.num_tokens for r in records if r.reason.name in ("LOW_CONFIDENCE", "CONFIDENT"))
+    assert samples[("haltwise_tokens_saved_upper_bound_total", ())] == saved > 0
