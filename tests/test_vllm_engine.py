@@ -134,3 +134,64 @@ def test_parallel_sampler_on_vllm_waves_consensus_and_abort(llm):
     assert all(p.threshold is not None for p in run.problems if len(p.traces) and
                any(t.trace >= consensus_settings.warmup and t.num_tokens for t in p.traces))
     assert run.em >= uncut.em - 0.25  # 8 problems: a loose sanity bound; the benchmark measures it properly
+
+
+_METRICS_SERVER = """
+import json, sys
+import vllm
+from haltwise.integrations.vllm import HaltwiseLogitsProcessor
+from haltwise.models import BUNDLED_CHECKPOINT
+from haltwise.tasks import arith
+
+cut, never = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+llm = vllm.LLM(model=str(BUNDLED_CHECKPOINT), skip_tokenizer_init=True, gpu_memory_utilization=0.1,
+               dtype="float32", max_model_len=144, max_num_seqs=64, seed=0,
+               logits_processors=[HaltwiseLogitsProcessor], enforce_eager=True)
+prompts = [{"prompt_token_ids": arith.prompt_ids(p)} for p in arith.eval_set(12)]
+asks = [cut] * 4 + [never] * 4 + [None] * 4
+params = [vllm.SamplingParams(temperature=1.0, max_tokens=112, seed=i, stop_token_ids=[arith.EOS_ID],
+                              extra_args=None if a is None else {"haltwise": a}, detokenize=False)
+          for i, a in enumerate(asks)]
+outputs = llm.generate(prompts, params, use_tqdm=False)
+llm.llm_engine.engine_core.shutdown()
+print(json.dumps([len(o.outputs[0].token_ids) for o in outputs]))
+"""
+
+
+def test_processor_metrics_reach_a_multiprocess_scrape(tmp_path):
+    """The processor runs in vLLM's engine core process: with PROMETHEUS_MULTIPROC_DIR set
+    at launch (docs/metrics.md), a MultiProcessCollector over that directory (what vLLM's
+    /metrics serves then) shows its counts. A fresh process, so the variable is set
+    before anything imports prometheus_client."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client.parser import text_string_to_metric_families
+
+    mp_dir = tmp_path / "prom"
+    mp_dir.mkdir()
+    cut = {**CUT, "low_conf_threshold": 0.0}  # every asking request is cut right at min_new_tokens
+    never = {**CUT, "low_conf_threshold": -1e30}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
+    env.pop("HALTWISE_METRICS", None)
+    done = subprocess.run([sys.executable, "-c", _METRICS_SERVER, json.dumps(cut), json.dumps(never)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lengths = json.loads(done.stdout.strip().splitlines()[-1])
+    assert lengths[:4] == [CUT["min_new_tokens"] + 1] * 4
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(mp_dir))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    finished = {dict(labels)["reason"]: v for (name, labels), v in samples.items()
+                if name == "haltwise_finished_sequences_total"}
+    assert finished == {"LOW_CONFIDENCE": 4, "vllm": 4}  # the requests that did not ask are not counted
+    # fed tokens: the cut ones' min_new_tokens; the others' all but (at most) the last, which ends them
+    tokens = samples[("haltwise_tokens_generated_total", ())]
+    fed_cut = 4 * CUT["min_new_tokens"]
+    assert fed_cut + sum(n - 1 for n in lengths[4:8]) <= tokens <= fed_cut + sum(lengths[4:8])
+    assert samples[("haltwise_tokens_saved_upper_bound_total", ())] == 4 * (112 - CUT["min_new_tokens"] - 1)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .metrics import HaltwiseMetrics, resolve
 from .scheduler import QueueFull, Scheduler, StepPlan, StopConfig, StopReason, check_int, check_submit
 from .signals import signals
 from .signals_types import Signals
@@ -102,7 +103,9 @@ class Stepper:
     of a token is keyed by (request, position), so runs are reproducible and a
     request samples the same tokens whatever else is in the batch), backend of
     :func:`haltwise.signals`, policy (a :class:`haltwise.Policy` that plans
-    each request :meth:`submit` admits).
+    each request :meth:`submit` admits), metrics (True: count finished
+    sequences, tokens and the policy's thresholds in prometheus_client's global
+    registry; or a :class:`haltwise.metrics.HaltwiseMetrics`; docs/metrics.md).
     """
 
     def submit(self, request_id: int, *, max_new_tokens: int, key: str | tuple[str, ...] | None = None,
@@ -158,10 +161,13 @@ class Stepper:
             admitted.extend(queued)
 
         try:
-            return self.policy.plan(request_id, key, base=stop, admit=admit)
+            plan = self.policy.plan(request_id, key, base=stop, admit=admit)
         except BaseException:
             self._withdraw(admitted)  # queued, but the plan's transaction failed to commit: undo the queueing too
             raise
+        if self.metrics is not None:  # a plan may have moved thresholds; reading them costs ~10 us, a plan ~100x that
+            self.metrics.record_policy(self.policy)
+        return plan
 
     def _withdraw(self, scheduler_ids: list[int]) -> None:
         """Cancel queued traces of an admission that failed; their CANCELLED records are dropped."""
@@ -175,7 +181,9 @@ class Stepper:
         return None if max_queue is None else max_queue - self.scheduler.stats()["queued"]
 
     def __init__(self, scheduler: Scheduler, *, temperature: float = 0.0, top_k_conf: int = 20, seed: int = 0,
-                 backend: str = "auto", policy: Policy | None = None) -> None:
+                 backend: str = "auto", policy: Policy | None = None,
+                 metrics: bool | HaltwiseMetrics | None = None) -> None:
+        self.metrics = resolve(metrics, "Stepper")
         self.scheduler = scheduler
         self.policy = policy  # a haltwise.Policy: plans what submit() queues
         self.temperature = temperature
@@ -186,6 +194,12 @@ class Stepper:
         self._positions = np.zeros(0, dtype=np.int64)
         self._slots = np.zeros(0, dtype=np.int64)  # slots layout: slot of each row of the next step
         self._withdrawn: Counter = Counter()  # traces of a failed admission: their CANCELLED records are dropped
+        if self.metrics is not None:
+            # token counters advance by the scheduler's own totals: deltas from here on
+            stats = scheduler.stats()
+            self._tokens_seen = (stats["tokens_generated"], stats["tokens_saved_estimate"])
+            if policy is not None:
+                self.metrics.record_policy(policy)
 
     @property
     def batch_size(self) -> int:
@@ -255,7 +269,19 @@ class Stepper:
                         del self._withdrawn[sid]
                     continue
                 finished.append(record)
+        if self.metrics is not None:
+            self._record(finished)
         return StepOutput(tokens=tokens.index_select(0, keep), keep=keep, plan=plan, signals=sig, finished=finished)
+
+    def _record(self, finished: list) -> None:
+        """Once per step: counts by reason, and the scheduler's token totals since the last step."""
+        assert self.metrics is not None
+        if finished:
+            self.metrics.record_records(finished)
+        stats = self.scheduler.stats()
+        generated, saved = stats["tokens_generated"], stats["tokens_saved_estimate"]
+        self.metrics.record_tokens(generated - self._tokens_seen[0], saved - self._tokens_seen[1])
+        self._tokens_seen = (generated, saved)
 
 
 @dataclass(frozen=True)

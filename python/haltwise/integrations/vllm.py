@@ -45,6 +45,12 @@ held). A request that leaves the batch (finished, aborted or preempted) ends its
 rules with CANCELLED unless they had stopped it. ``stats`` counts requests by how
 they ended (the stop reason names, plus "vllm" for requests vLLM ended itself), since
 vLLM's output has no field for a stop reason.
+
+Metrics: the processor counts the same in prometheus_client (docs/metrics.md), on
+unless the environment variable ``HALTWISE_METRICS=0``. It runs in vLLM's engine core
+process: for its metrics to reach ``vllm serve``'s /metrics, start the server with
+``PROMETHEUS_MULTIPROC_DIR`` set to an empty directory (prometheus_client's
+multiprocess mode).
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
+from ..metrics import metrics_from_env
 from .vllm_rows import EXTRA_ARGS_KEY, SETTING_KEYS, RowTable, parse_settings
 
 __all__ = ["HaltwiseLogitsProcessor", "parse_settings", "EXTRA_ARGS_KEY", "SETTING_KEYS"]
@@ -76,7 +83,7 @@ class HaltwiseLogitsProcessor(LogitsProcessor):
         if spec is not None:
             raise ValueError("HaltwiseLogitsProcessor: speculative decoding is not supported "
                              f"(several tokens per step have no per-token logits here), got {spec}")
-        self.table = RowTable()
+        self.table = RowTable(metrics=metrics_from_env("HaltwiseLogitsProcessor"))
 
     @property
     def stats(self):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..metrics import HaltwiseMetrics
 from ..scheduler import MAX_NEW_TOKENS, Scheduler, StopConfig, StopReason, check_int
 from ..signals import signals
 from ..signals_types import MAX_TOP_K_CONF
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 EXTRA_ARGS_KEY = "haltwise"
 SETTING_KEYS = ("low_conf_signal", "low_conf_threshold", "window", "min_new_tokens", "top_k_conf")
 _NO_LIMIT = MAX_NEW_TOKENS  # max_tokens is vLLM's to enforce
+_SAVING = ("LOW_CONFIDENCE", "CONFIDENT")  # the cuts whose unspent budget counts as saved (as the scheduler's estimate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +82,10 @@ class _Row:
     """One request that asked: its stop rules and the signals of its steps whose
     sampled token it has not fed yet."""
 
-    __slots__ = ("settings", "out", "end", "rules", "fed", "seen_len", "pending", "stopped", "reason")
+    __slots__ = ("settings", "out", "end", "max_tokens", "rules", "fed", "seen_len", "pending", "stopped", "reason")
 
-    def __init__(self, settings: HaltwiseSettings, out: list[int], end: int):
-        self.settings, self.out, self.end = settings, out, end
+    def __init__(self, settings: HaltwiseSettings, out: list[int], end: int, max_tokens: int | None = None):
+        self.settings, self.out, self.end, self.max_tokens = settings, out, end, max_tokens
         self.rules = Scheduler(1, layout="slots")
         self.rules.submit(0, max_new_tokens=_NO_LIMIT, stop=settings.stop)
         self.rules.step(np.zeros(0, dtype=np.int64), HostSignals.zeros(0))  # admits it
@@ -98,17 +100,27 @@ class RowTable:
     """The state of HaltwiseLogitsProcessor without vLLM: the rows that asked, keyed
     by their index in vLLM's persistent batch, and the step. ``update`` takes a
     BatchUpdate (or any object with its fields; moves' directions are compared by
-    name, "SWAP" / "UNIDIRECTIONAL")."""
+    name, "SWAP" / "UNIDIRECTIONAL"). ``metrics``: a HaltwiseMetrics that counts what
+    ``stats`` counts, and the tokens fed to the rules (docs/metrics.md)."""
 
-    def __init__(self):
+    def __init__(self, metrics: HaltwiseMetrics | None = None):
         self.rows: dict[int, _Row] = {}
         self.stats: collections.Counter = collections.Counter()
+        self.metrics = metrics
+
+    def _count(self, key: str) -> None:
+        self.stats[key] += 1
+        if self.metrics is not None:
+            if key in ("untracked", "no_end_token"):
+                self.metrics.record_untracked(key)
+            else:
+                self.metrics.record_finished((key,))
 
     # ---- batch bookkeeping ------------------------------------------------------
 
     def _end(self, row: _Row | None) -> None:
         if row is not None and not row.stopped:
-            self.stats["vllm"] += 1
+            self._count("vllm")
 
     def update(self, batch_update) -> None:
         if batch_update is None:
@@ -124,9 +136,9 @@ class RowTable:
             if end is None:
                 logger.warning("haltwise: a request asked for early stopping but has no EOS or stop token id "
                                "to end it with; it decodes uncut")
-                self.stats["no_end_token"] += 1
+                self._count("no_end_token")
                 continue
-            self.rows[index] = _Row(settings, out, end)
+            self.rows[index] = _Row(settings, out, end, getattr(params, "max_tokens", None))
         for a, b, direction in batch_update.moved:
             row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
             if row_a is not None:
@@ -139,19 +151,20 @@ class RowTable:
 
     # ---- the step -----------------------------------------------------------------
 
-    def _feed(self, row: _Row) -> None:
-        """Feed the row's newly sampled tokens with their steps' signals."""
+    def _feed(self, row: _Row) -> int:
+        """Feed the row's newly sampled tokens with their steps' signals; returns how many."""
         n = len(row.out)
         if n == row.seen_len and row.pending:
             row.pending.pop()  # the last step's sample was discarded (a partial prefill chunk)
         row.seen_len = n
+        fed = row.fed
         while row.fed < n and row.out[row.fed] != -1 and not row.stopped:  # -1: async placeholder, not known yet
             if not row.pending:
                 logger.warning("haltwise: more sampled tokens than signalled steps (speculative decoding?); "
                                "the request decodes uncut from here")
                 row.stopped, row.reason = True, "untracked"
-                self.stats["untracked"] += 1
-                return
+                self._count("untracked")
+                break
             x, lse, entropy, confidence, margin, topk, status = row.pending.popleft()
             token = row.out[row.fed]
             row.fed += 1
@@ -162,18 +175,23 @@ class RowTable:
                                               np.array([status], dtype=np.int8)))
             for finished in plan.finished:
                 row.stopped, row.reason = True, StopReason(finished.reason).name
-                self.stats[row.reason] += 1
+                self._count(row.reason)
+                if self.metrics is not None and row.max_tokens is not None and row.reason in _SAVING:
+                    # the forced end token is one more output token
+                    self.metrics.record_tokens(0, max(0, row.max_tokens - row.fed - 1))
+        return row.fed - fed
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
         running: dict[int, list[int]] = collections.defaultdict(list)  # top_k_conf -> rows
         forced = []
+        fed = 0
         for index in sorted(self.rows):
             row = self.rows[index]
             if row.reason == "untracked":
                 continue
-            self._feed(row)
+            fed += self._feed(row)
             if row.stopped:
                 if row.reason != "untracked":
                     forced.append((index, row.end))
@@ -189,6 +207,8 @@ class RowTable:
             for j, index in enumerate(rows):
                 self.rows[index].pending.append((x[j], lse[j], host[0][j], host[1][j], host[2][j], host[3][j],
                                                  host[4][j]))
+        if self.metrics is not None and fed:
+            self.metrics.record_tokens(fed)  # once per step, not per row
         for index, end in forced:
             logits[index].fill_(-math.inf)
             logits[index, end] = 0.0
