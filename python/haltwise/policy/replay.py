@@ -46,6 +46,7 @@ from ..trace_rules import vote_weight, vote_weights
 from .calibration import VOTING_REASONS, TraceProfile, trace_profile, vote_matrix
 from .config import PolicyConfig
 from .policy import Policy, TraceOutcome
+from .strategy import run as run_strategy
 
 DEFAULT_BANK = BUNDLED_BANK
 
@@ -186,6 +187,15 @@ def run_plan(plan, traces: BankTraces, problem: int, subset: np.ndarray) -> tupl
         else:
             outcomes.append(TraceOutcome(answer=answer, num_tokens=n, reason=reason, mean_logprob=mlp))
             tokens += n
+    if plan.kind == "policy" and plan.strategy.consensus is not None:
+        # waves and consensus (strategy.run): the traces after the vote settled end with GROUP_CONSENSUS
+        votes = [t.answer if StopReason(t.reason) in VOTING_REASONS else None for t in outcomes]
+        _, spent, ended = run_strategy(plan.strategy, votes, [vote_weight(t.mean_logprob) for t in outcomes],
+                                       [t.num_tokens for t in outcomes])
+        outcomes = [t if done else TraceOutcome(answer=None, num_tokens=n, reason=int(StopReason.GROUP_CONSENSUS),
+                                                mean_logprob=t.mean_logprob)
+                    for t, n, done in zip(outcomes, spent, ended)]
+        tokens = sum(spent)
     return outcomes, tokens
 
 

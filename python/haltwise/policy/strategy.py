@@ -73,17 +73,19 @@ class Strategy:
         return [self.traces, self.wave_size, self.consensus, self.consensus_threshold, self.weighting]
 
 
-def replay(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float],
-           lengths: Sequence[int]) -> tuple[int | None, int]:
-    """(voted answer, tokens) of `strategy` on one request's traces under one
-    cut: answers[k] is trace k's vote (None: cut, no answer or no vote),
-    weights[k] its confidence weight, lengths[k] its tokens under the cut."""
+def run(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float],
+        lengths: Sequence[int]) -> tuple[int | None, list[int], list[bool]]:
+    """`strategy` on one request's traces under one cut: answers[k] is trace
+    k's vote (None: cut, no answer or no vote), weights[k] its confidence
+    weight, lengths[k] its tokens under the cut. Returns (voted answer, tokens
+    of each of the first K' traces, whether each ended before the vote
+    settled: the others ended with GROUP_CONSENSUS, in flight or unstarted)."""
     K = strategy.traces
     answers, lengths = list(answers[:K]), [int(n) for n in lengths[:K]]
     weights = list(weights[:K]) if strategy.weighting == "confidence" else [1.0] * K
     rule = strategy.consensus
     if rule is None:
-        return weighted_vote(answers, weights), sum(lengths)
+        return weighted_vote(answers, weights), lengths, [True] * K
     wave = strategy.wave_size or K
     starts = range(0, K, wave)
     if rule != "unbeatable":
@@ -91,8 +93,9 @@ def replay(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[
             end = min(start + wave, K)
             if end < K and vote_settled(answers[:end], rule=rule, threshold=strategy.consensus_threshold,
                                         remaining=K - end):
-                return weighted_vote(answers[:end], weights[:end]), sum(lengths[:end])
-        return weighted_vote(answers, weights), sum(lengths)
+                return (weighted_vote(answers[:end], weights[:end]), lengths[:end] + [0] * (K - end),
+                        [True] * end + [False] * (K - end))
+        return weighted_vote(answers, weights), lengths, [True] * K
     # unbeatable: after every trace, in the order they end (wave by wave, shortest first, ties by index)
     ended: list[int] = []
     for start in starts:
@@ -103,9 +106,18 @@ def replay(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[
             if len(ended) < K and vote_settled([answers[i] for i in order], rule="unbeatable", threshold=0.0,
                                                remaining=K - len(ended), weights=[weights[i] for i in order]):
                 at = lengths[k]  # the settling moment within the wave: siblings in flight stop there
-                tokens = sum(lengths[i] for i in ended) + sum(at for i in members if i not in ended)
-                return weighted_vote([answers[i] for i in order], [weights[i] for i in order]), tokens
-    return weighted_vote(answers, weights), sum(lengths)
+                done = set(ended)
+                tokens = [lengths[i] if i in done else (at if i in members else 0) for i in range(K)]
+                return (weighted_vote([answers[i] for i in order], [weights[i] for i in order]), tokens,
+                        [i in done for i in range(K)])
+    return weighted_vote(answers, weights), lengths, [True] * K
+
+
+def replay(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float],
+           lengths: Sequence[int]) -> tuple[int | None, int]:
+    """(voted answer, tokens) of :func:`run`."""
+    answer, tokens, _ = run(strategy, answers, weights, lengths)
+    return answer, sum(tokens)
 
 
 def replay_columns(strategy: Strategy, answers: np.ndarray, weights: np.ndarray, lengths: np.ndarray,
