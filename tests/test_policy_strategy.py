@@ -116,3 +116,8 @@ def test_a_certified_consensus_strategy_is_put_in_force():
     assert strategies[-1] == Strategy(K, 2, "beta", 0.9), [s.name for s in strategies[-5:]]
     assert any(a["field"] == "strategy" for a in policy.audit())
     assert policy.thresholds()[""]["strategy"] == "K=8, waves of 2, beta 0.9"
+    # a caller that queues every trace at once (the Stepper) gets the plain strategy's certified value instead
+    plain = next(p for p in (policy.plan(1000 + i, consensus=False) for i in range(20)) if p.kind == "policy")
+    bucket = policy._buckets[""]
+    assert plain.strategy == Strategy(K)
+    assert plain.threshold == bucket.threshold_of(max(bucket.normal.plain_certified, default=-1))

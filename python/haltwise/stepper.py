@@ -109,10 +109,11 @@ class Stepper:
     """
 
     def submit(self, request_id: int, *, max_new_tokens: int, key: str | tuple[str, ...] | None = None,
-               stop: StopConfig = StopConfig(), priority: int = 0) -> Plan | None:
+               stop: StopConfig = StopConfig(), priority: int = 0, request_class: str | None = None) -> Plan | None:
         """Queue a request. Without a policy: one sequence with `stop`; returns None.
 
-        With a policy: ``policy.plan(request_id, key, base=stop)`` decides its
+        With a policy: ``policy.plan(request_id, key, base=stop,
+        request_class=request_class, consensus=False)`` decides its
         StopConfig (the threshold in force; uncut with signals kept for control
         and warm-up requests; shadowed cuts) and its number of traces K; the K
         traces are scheduler requests ``trace_id(request_id, k)`` (=
@@ -161,7 +162,9 @@ class Stepper:
             admitted.extend(queued)
 
         try:
-            plan = self.policy.plan(request_id, key, base=stop, admit=admit)
+            # every trace is queued at once: no waves or consensus here (ParallelSampler runs those)
+            plan = self.policy.plan(request_id, key, base=stop, admit=admit, request_class=request_class,
+                                    consensus=False)
         except BaseException:
             self._withdraw(admitted)  # queued, but the plan's transaction failed to commit: undo the queueing too
             raise

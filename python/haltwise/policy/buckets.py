@@ -57,9 +57,20 @@ def bucket_name(parts: Sequence[str]) -> str:
     return SEPARATOR.join(parts)
 
 
+CLASS_PREFIX = "@"  # a key's first part "@name" is request class `name`: a tree of its own
+
+
+def class_of(name: str) -> str | None:
+    """The request class a bucket belongs to (None: the unclassed tree)."""
+    return name.split(SEPARATOR, 1)[0][len(CLASS_PREFIX):] if name.startswith(CLASS_PREFIX) else None
+
+
 def path_of(parts: Sequence[str]) -> list[str]:
-    """Bucket names from the root to the request's own bucket."""
-    return [bucket_name(parts[:i]) for i in range(len(parts) + 1)]
+    """Bucket names from the root to the request's own bucket. A request
+    class's tree starts at its class bucket: it never takes evidence from,
+    nor falls back to, the global bucket (its budget is its own)."""
+    names = [bucket_name(parts[:i]) for i in range(len(parts) + 1)]
+    return names[1:] if parts and parts[0].startswith(CLASS_PREFIX) else names
 
 
 def display_name(name: str) -> str:
@@ -76,6 +87,7 @@ class Ramp:
     strategy: int = 0  # strategy row in force (config.strategy_rows; normal ramps only; 0: K traces at once)
     target_strategy: int = 0
     target_certified: list[int] = field(default_factory=list)  # grid indices the target row certified
+    plain_certified: list[int] = field(default_factory=list)  # grid indices row 0 certified (callers without waves)
     traces: int = 0  # traces in force (overload ramps only; 0: unset)
     target_traces: int = 0
     last_raise_seq: int = -(10**18)
@@ -159,6 +171,8 @@ class BucketState:
         out["normal"]["certified"] = list(self.normal.certified)
         out["overload"]["certified"] = list(self.overload.certified)
         out["normal"]["target_certified"] = list(self.normal.target_certified)
+        out["normal"]["plain_certified"] = list(self.normal.plain_certified)
+        out["overload"]["plain_certified"] = list(self.overload.plain_certified)
         out["overload"]["target_certified"] = list(self.overload.target_certified)
         return out
 

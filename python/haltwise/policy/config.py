@@ -38,6 +38,9 @@ class PolicyConfig:
     # plain one (K traces at once, no consensus); policy/strategy.py
     strategies: tuple = ((4, "unbeatable", 1.0, "majority"), (4, "beta", 0.95, "majority"),
                          (8, "beta", 0.99, "majority"))
+    # request classes: (name, epsilon, traces) -- each certified on its own with its own budget; epsilon 0 never
+    # cuts (every trace runs to its end); None: the config's epsilon / traces
+    classes: tuple = (("critical", 0.0, None), ("standard", None, None), ("bulk", 0.05, None))
     # warm-up, candidates, start
     warmup_requests: int = 8
     keep_percent: float = 90.0
@@ -120,6 +123,25 @@ class PolicyConfig:
                 raise ValueError(f"{_WHERE}: strategies[{i}]: {err}") from None
             rows.append((int(wave), str(rule), float(threshold), str(weighting)))
         set_("strategies", tuple(rows))
+        if isinstance(self.classes, (str, bytes)) or not hasattr(self.classes, "__iter__"):
+            raise TypeError(f"{_WHERE}: classes must be a sequence of (name, epsilon, traces), "
+                            f"got {type(self.classes).__name__}")
+        classes = []
+        for i, item in enumerate(self.classes):
+            if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 3:
+                raise ValueError(f"{_WHERE}: classes[{i}] must be (name, epsilon, traces), got {item!r}")
+            name, eps, k = item
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ValueError(f"{_WHERE}: classes[{i}] name must be a non-empty str without '/', got {name!r}")
+            if eps is not None:
+                eps = check_float(_WHERE, f"classes[{i}] epsilon", eps, 0.0, 1.0)
+                if not eps < 1.0:
+                    raise ValueError(f"{_WHERE}: classes[{i}] epsilon must be in [0, 1) or None, got {eps}")
+            k = None if k is None else check_int(_WHERE, f"classes[{i}] traces", k, 1, 4096)
+            classes.append((name, eps, k))
+        if len({c[0] for c in classes}) != len(classes):
+            raise ValueError(f"{_WHERE}: classes must have distinct names, got {[c[0] for c in classes]}")
+        set_("classes", tuple(classes))
         set_("warmup_requests", check_int(_WHERE, "warmup_requests", self.warmup_requests, 1))
         set_("keep_percent", check_float(_WHERE, "keep_percent", self.keep_percent, 0.0, 100.0))
         if self.keep_percent == 0.0:
@@ -194,6 +216,25 @@ class PolicyConfig:
         return RetestSchedule(first=self.min_evidence, ratio=self.retest_ratio, window=self.evidence_window,
                               delta=self.delta)
 
+    def for_class(self, name: str) -> "PolicyConfig | None":
+        """The config a request class runs under: its epsilon and trace count
+        (the overload budget at least its epsilon; the fewer-trace and
+        strategy options rebuilt for its traces; min_evidence recomputed for
+        its epsilon, and the evidence window at least that). None for a
+        class whose epsilon is 0 (never cut)."""
+        for cls_name, eps, traces in self.classes:
+            if cls_name == name:
+                eps = self.epsilon if eps is None else eps
+                traces = self.traces if traces is None else traces
+                if eps == 0.0:
+                    return None
+                own = dataclasses.replace(self, epsilon=eps, epsilon_overload=max(eps, self.epsilon_overload),
+                                          traces=traces, overload_traces=(), min_evidence=None, classes=(),
+                                          evidence_window=2**31)  # the window follows once min_evidence is known
+                return dataclasses.replace(own, evidence_window=max(self.evidence_window, own.min_evidence))
+        raise ValueError(f"{_WHERE}: unknown request class {name!r}; the classes are "
+                         f"{[c[0] for c in self.classes]}")
+
     @property
     def strategy_rows(self) -> tuple[Strategy, ...]:
         """The rows a control request is replayed with: all K traces with no
@@ -215,8 +256,9 @@ class PolicyConfig:
     def from_json(cls, text: str) -> "PolicyConfig":
         data = json.loads(text)
         data["overload_traces"] = tuple(data.get("overload_traces", ()))
-        if "strategies" in data:
-            data["strategies"] = tuple(tuple(row) for row in data["strategies"])
+        for name in ("strategies", "classes"):
+            if name in data:
+                data[name] = tuple(tuple(row) for row in data[name])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -255,6 +297,8 @@ KNOBS: list[tuple[str, str]] = [
     ("weighting", "Vote weighting: 'majority' or 'confidence' (exp mean logprob)."),
     ("strategies", "Consensus strategies certified beside the plain one (K traces at once): (wave_size, consensus "
                    "'unbeatable' / 'beta' / 'run', its threshold, weighting); () certifies thresholds only."),
+    ("classes", "Request classes (name, epsilon, traces), each certified on its own with its own budget "
+                "(plan(request_class=...)); epsilon 0 never cuts; None: the config's value."),
     ("warmup_requests", "First requests of a new bucket that run uncut and calibrate it."),
     ("keep_percent", "DeepConf start: the threshold keeps this percent of warm-up traces."),
     ("start", "Before a bucket (or an ancestor) is certified: 'uncut' (no cut: loses nothing before anything is "

@@ -47,7 +47,8 @@ from ..voting import weighted_vote
 from . import ltt
 from ..trace_rules import vote_weight
 from .anytime import AnytimeState, Certifier, policy_families
-from .buckets import BucketState, SliceCounts, needs_warmup, normalize_key, path_of, resolve
+from .buckets import (CLASS_PREFIX, BucketState, SliceCounts, class_of, needs_warmup, normalize_key, path_of,
+                      resolve)
 from .calibration import (VOTING_REASONS, CandidateOutcomes, TraceProfile, candidate_outcomes, deepconf_index,
                           differences, make_grid, quantile_levels, trace_profile)
 from .config import PolicyConfig
@@ -266,6 +267,7 @@ class Policy:
         self.config: PolicyConfig = config
         self.store = store
         self._levels = quantile_levels(config.grid_size, config.grid_low, config.grid_high)
+        self._class_configs = {name: config.for_class(name) for name, _, _ in config.classes}
         self._load()
 
     @classmethod
@@ -368,13 +370,14 @@ class Policy:
                               min_new_tokens=cfg.min_new_tokens, mean_logprob=r["mean_logprob"]) for r in rows]
 
     def _outcomes(self, bucket: BucketState, profiles: list[TraceProfile]) -> CandidateOutcomes:
-        return candidate_outcomes(profiles, np.asarray(bucket.grid), self.config.strategy_rows,
-                                  weighting=self.config.weighting)
+        cfg = self._cfg(bucket.name)
+        return candidate_outcomes(profiles, np.asarray(bucket.grid), cfg.strategy_rows, weighting=cfg.weighting)
 
     # ---- planning ---------------------------------------------------------------------
 
     def plan(self, request_id: int, key=None, *, base: StopConfig | None = None,
-             control: bool | None = None, admit: Callable[[Plan], None] | None = None) -> Plan:
+             control: bool | None = None, admit: Callable[[Plan], None] | None = None,
+             request_class: str | None = None, consensus: bool = True) -> Plan:
         """The plan of a new request.
 
         request_id: int, unique over the policy's life
@@ -389,9 +392,25 @@ class Policy:
             transaction (e.g. queueing its traces); if it raises, nothing of
             the plan is kept (the request_id may be planned again) and the
             exception propagates
+        request_class: one of config.classes (e.g. "critical", "standard",
+            "bulk"): the request is certified within its class's own bucket
+            tree, at its class's epsilon and trace count; a class whose
+            epsilon is 0 always runs uncut. None: the unclassed tree.
+        consensus: False when the caller runs every trace at once and cannot
+            run waves or consensus (e.g. the Stepper): the plan then uses the
+            most aggressive certified threshold of the plain strategy.
         """
+        consensus = check_bool("plan", "consensus", consensus)
         request_id = check_int("plan", "request_id", request_id)
         parts = normalize_key(key)
+        if parts and parts[0].startswith(CLASS_PREFIX):
+            raise ValueError(f"plan: key parts starting with {CLASS_PREFIX!r} name request classes; pass "
+                             f"request_class= instead, got key {key!r}")
+        if request_class is not None:
+            known = [c[0] for c in self.config.classes]
+            if request_class not in known:
+                raise ValueError(f"plan: request_class must be one of {known} or None, got {request_class!r}")
+            parts = (CLASS_PREFIX + request_class,) + parts
         if base is None:
             base = StopConfig()
         if not isinstance(base, StopConfig):
@@ -405,10 +424,22 @@ class Policy:
                 if self.store.request(request_id) is not None:  # planned by another process meanwhile
                     raise ValueError(f"plan: request_id {request_id} was already planned")
                 undo.append(self._snapshot(path_of(parts)))
-                plan = self._plan(request_id, parts, base, control)
+                plan = self._plan(request_id, parts, base, control, consensus)
                 if admit is not None:
                     admit(plan)
                 return plan
+
+    def _names_of(self, row: dict) -> list[str]:
+        """The buckets a planned request belongs to ([] for a class that never cuts)."""
+        cls = class_of(row["bucket"])
+        if cls is not None and self._class_configs.get(cls) is None:
+            return []
+        return path_of(normalize_key(row["bucket"]))
+
+    def _cfg(self, name: str) -> PolicyConfig:
+        """The config a bucket runs under: its request class's, else the policy's."""
+        cls = class_of(name)
+        return self.config if cls is None else self._class_configs[cls]
 
     def _bucket(self, name: str) -> BucketState:
         bucket = self._buckets.get(name)
@@ -418,10 +449,14 @@ class Policy:
             self._evidence[name] = {}
         return bucket
 
-    def _plan(self, request_id: int, parts: tuple[str, ...], base: StopConfig, force_control: bool | None) -> Plan:
-        cfg = self.config
+    def _plan(self, request_id: int, parts: tuple[str, ...], base: StopConfig, force_control: bool | None,
+              consensus: bool = True) -> Plan:
         seq = self._seq
         names = path_of(parts)
+        cls = class_of(names[-1])
+        cfg = self._cfg(names[-1]) if cls is None or self._class_configs[cls] is not None else None
+        if cfg is None:
+            return self._plan_uncut(request_id, names[-1], base)
         path = [self._bucket(name) for name in names]
         overload = self._monitor.state.overload
         changed = set()
@@ -460,6 +495,8 @@ class Policy:
             row = cfg.trace_options.index(traces)
         elif kind == "policy":
             index, row = normal_index, normal_row
+            if row != 0 and not consensus:  # the caller cannot run the strategy: the plain one's best certified
+                index, row = max(source.normal.plain_certified, default=-1), 0
         elif kind == "shadow":
             index = normal_index  # shadow shadows the normal threshold on all K traces at once
         threshold = source.threshold_of(index) if source is not None else None
@@ -491,6 +528,19 @@ class Policy:
                     threshold=threshold, overload=overload,
                     epsilon=epsilon, strategy=strategy)
 
+    def _plan_uncut(self, request_id: int, name: str, base: StopConfig) -> Plan:
+        """A request of a class with no accuracy budget (epsilon 0): every
+        trace runs to its end, nothing is certified or learned."""
+        traces = next(k for c, _, k in self.config.classes if c == class_of(name)) or self.config.traces
+        self.store.add_request(dict(request_id=request_id, seq=self._seq, bucket=name, kind="policy", source=None,
+                                    how="uncut", traces=traces, threshold=None, grid_index=-1, strategy=0,
+                                    overload=int(self._monitor.state.overload), shadow=0, sliced="uncut"))
+        self._seq += 1
+        self.store.set_meta("seq", self._seq)
+        stop = dataclasses.replace(base, low_conf_threshold=None, shadow=False)
+        return Plan(request_id=request_id, key=name, source=None, how="uncut", kind="policy", stop=stop,
+                    traces=traces, threshold=None, overload=self._monitor.state.overload, epsilon=0.0)
+
     def _persist(self, bucket: BucketState) -> None:
         self.store.put_bucket(bucket.name, bucket.to_dict())
         self._persisted.add(bucket.name)
@@ -503,7 +553,7 @@ class Policy:
         ``max_raise_steps`` grid steps up (or, when none is that close, the next
         certified one), at most once per ``raise_interval`` requests and never
         within ``cooldown`` requests of a lowering."""
-        cfg = self.config
+        cfg = self._cfg(bucket.name)
         if not bucket.ready:
             return False
         ramp = bucket.overload if (overload and bucket.overload_ready) else bucket.normal
@@ -618,9 +668,9 @@ class Policy:
         return weighted_vote([int(t.answer) for t in voters], weights)
 
     def _observe(self, row: dict, outcomes: list[TraceOutcome]) -> int | None:
-        cfg = self.config
         rid, kind = row["request_id"], row["kind"]
-        names = path_of(normalize_key(row["bucket"]))
+        names = self._names_of(row)
+        cfg = self._cfg(names[-1]) if names else self.config
         path = [self._bucket(name) for name in names]
         served = self._vote(outcomes, cfg.strategy_rows[row.get("strategy", 0)].weighting)
         tokens = sum(int(t.num_tokens) for t in outcomes)
@@ -708,7 +758,7 @@ class Policy:
         return served
 
     def _freeze(self, bucket: BucketState) -> None:
-        cfg = self.config
+        cfg = self._cfg(bucket.name)
         grid = make_grid(bucket.warmup_lowests, self._levels)
         bucket.grid = [float(t) for t in grid]
         self._persist(bucket)
@@ -822,8 +872,7 @@ class Policy:
         row.update(self.store.request(rid))
         if not row["observed"]:
             return  # applied when the request is observed
-        names = path_of(normalize_key(row["bucket"]))
-        path = [self._bucket(name) for name in names]
+        path = [self._bucket(name) for name in self._names_of(row)]
         if first_label:
             self._count_label(path, row)
         if source == "user" and not correct:
@@ -882,7 +931,7 @@ class Policy:
                 if row["observed"] or row["cancelled"]:  # another process got there first
                     return False
                 self.store.update_request(request_id, cancelled=1)
-                for name in path_of(normalize_key(row["bucket"])):
+                for name in self._names_of(row):
                     bucket = self._bucket(name)
                     if request_id in bucket.warmup_planned and not bucket.frozen:
                         bucket.warmup_planned.remove(request_id)
@@ -917,7 +966,7 @@ class Policy:
     def _evaluate(self, bucket: BucketState) -> None:
         """Re-run the test of one bucket and move its targets (and, downward,
         its values in force)."""
-        cfg = self.config
+        cfg = self._cfg(bucket.name)
         bucket.pending_evidence = 0
         if not bucket.frozen:
             return
@@ -1017,11 +1066,12 @@ class Policy:
         that is no longer certified (or above the target in its row) drops at
         once: to the most aggressive certified candidate below it in its row,
         or, when its row has none, to the uncut plain strategy (row 0, no cut)."""
-        cfg = self.config
+        cfg = self._cfg(bucket.name)
         ramp = bucket.normal
         old_target = (ramp.target_strategy, ramp.target)
         certified = rows.get(ramp.strategy, [])
         ramp.certified = list(certified)
+        ramp.plain_certified = list(rows.get(0, []))
         ramp.target_strategy, ramp.target_certified = target_row, list(rows.get(target_row, []))
         # the target within the row in force (its best certified one when the strategy will change)
         ramp.target = target if target_row == ramp.strategy else max(certified, default=-1)
@@ -1082,7 +1132,7 @@ class Policy:
             elif ramp.index > index or ramp.index not in certified:
                 prev = ramp.index
                 ramp.index = max((c for c in certified if c <= min(prev, index)), default=min(certified))
-                bucket.cooldown_until = self._seq + self.config.cooldown
+                bucket.cooldown_until = self._seq + self._cfg(bucket.name).cooldown
                 self.store.add_audit(self._seq, bucket.name, "overload_threshold", bucket.threshold_of(prev),
                                      bucket.threshold_of(ramp.index), {"n": n, "test": test, "traces": traces},
                                      "lowered at once: the overload value in force is no longer certified")
@@ -1187,8 +1237,9 @@ class Policy:
                 out[name] = {
                     "frozen": b.frozen, "ready": b.ready, "shadow": b.shadow,
                     "threshold": b.threshold_of(b.normal.index), "target": b.threshold_of(b.normal.target),
-                    "index": b.normal.index, "traces": self.config.traces,
-                    "strategy": self.config.strategy_rows[b.normal.strategy].name,
+                    "index": b.normal.index, "traces": self._cfg(name).traces,
+                    "epsilon": self._cfg(name).epsilon,
+                    "strategy": self._cfg(name).strategy_rows[b.normal.strategy].name,
                     "overload_threshold": b.threshold_of(b.overload.index) if b.overload_ready else None,
                     "overload_traces": (b.overload.traces or b.overload.target_traces) if b.overload_ready else None,
                     "labeled": b.labeled, "control": b.control,
