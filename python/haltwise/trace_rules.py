@@ -34,7 +34,7 @@ def lowest_group_confidence(min_window_mean: float, whole_mean: float) -> float:
     return whole_mean if math.isnan(min_window_mean) else min_window_mean
 
 
-def oriented_signal(signals: Mapping[str, np.ndarray], name: str, dtype: DTypeLike = None) -> np.ndarray:
+def oriented_signal(signals: Mapping[str, np.ndarray], name: str, dtype: DTypeLike | None = None) -> np.ndarray:
     """Per-token values of signal `name` oriented as the confidence rules use
     them (higher = more confident) from raw per-token signals: "neg_entropy"
     is minus signals["entropy"], every other name is signals[name] itself.
