@@ -26,12 +26,13 @@ class GroupVote {
   const std::vector<std::pair<int64_t, double>>& tally() const { return tally_; }
   int64_t votes() const { return votes_; }
 
-  // The key with the largest weight, ties to the smallest key; none before any vote.
+  // The key with the largest weight, ties to the key reported first (as
+  // haltwise.voting.weighted_vote); none before any vote.
   std::optional<int64_t> leader() const {
     std::optional<int64_t> best;
     double best_weight = 0;
     for (const auto& [key, weight] : tally_)
-      if (!best || weight > best_weight || (weight == best_weight && key < *best)) {
+      if (!best || weight > best_weight) {
         best = key;
         best_weight = weight;
       }
@@ -39,10 +40,11 @@ class GroupVote {
   }
 
   // Settled when the leader can no longer be overturned by the `remaining`
-  // members that may still vote (weight <= 1 each): leader > runner-up +
-  // remaining; or, with a consensus fraction, once votes >= min_votes and
-  // leader / total >= fraction.
-  bool settled(int64_t remaining, const std::optional<double>& fraction, int64_t min_votes) const {
+  // members that may still vote (weight <= max_weight each): leader >
+  // runner-up + remaining * max_weight; or, with a consensus fraction, once
+  // votes >= min_votes and leader / total >= fraction.
+  bool settled(int64_t remaining, double max_weight, const std::optional<double>& fraction,
+               int64_t min_votes) const {
     double first = 0, second = 0;
     for (const auto& entry : tally_) {
       const double w = entry.second;
@@ -53,7 +55,7 @@ class GroupVote {
         second = w;
       }
     }
-    if (first > second + static_cast<double>(remaining) * 1.0) return true;
+    if (first > second + static_cast<double>(remaining) * max_weight) return true;
     return fraction && votes_ >= min_votes && total_ > 0 && first / total_ >= *fraction;
   }
 

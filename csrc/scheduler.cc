@@ -121,7 +121,7 @@ void Scheduler::settle_dirty_groups(std::vector<FinishedRecord>* out) {
     group.dirty = false;
     if (group.settled) continue;
     const int64_t remaining = static_cast<int64_t>(group.members.size()) + group.queued;
-    if (group.vote.settled(remaining, options_.consensus_fraction, options_.consensus_min_votes))
+    if (group.vote.settled(remaining, group.max_weight, options_.consensus_fraction, options_.consensus_min_votes))
       settle(g, out);
   }
   dirty_groups_.clear();
@@ -151,14 +151,18 @@ int64_t Scheduler::settle_group(int64_t group) {
 }
 
 void Scheduler::report_answer(int64_t request_id, int64_t answer_key, double weight) {
-  if (!(weight >= 0.0 && weight <= 1.0))
-    throw std::invalid_argument("report_answer: weight must be in [0, 1], got " + std::to_string(weight));
+  if (!(std::isfinite(weight) && weight >= 0.0))
+    throw std::invalid_argument("report_answer: weight must be finite and >= 0, got " + std::to_string(weight));
   auto found = awaiting_answer_.find(request_id);
   if (found == awaiting_answer_.end())
     throw std::invalid_argument("report_answer: request " + std::to_string(request_id) +
                                 " is not a finished member of a group awaiting its answer (unknown, still queued or "
                                 "active, in no group, or already reported)");
   const int32_t g = found->second;
+  const double max_weight = groups_[static_cast<size_t>(g)].max_weight;
+  if (weight > max_weight)
+    throw std::invalid_argument("report_answer: weight " + std::to_string(weight) + " exceeds its group's max_weight " +
+                                std::to_string(max_weight) + " (set at submit)");
   awaiting_answer_.erase(found);
   groups_[static_cast<size_t>(g)].vote.add(answer_key, weight);
   mark_dirty(g);
@@ -179,14 +183,21 @@ std::optional<int64_t> Scheduler::leader(int64_t group) const {
 // ---- requests -----------------------------------------------------------------
 
 void Scheduler::submit(int64_t request_id, int64_t max_new_tokens, int64_t priority, std::optional<int64_t> group,
-                       std::shared_ptr<const StopRules> rules) {
+                       std::shared_ptr<const StopRules> rules, std::optional<double> max_weight) {
   if (max_new_tokens < 1 || max_new_tokens > kMaxNewTokens)
     throw std::invalid_argument("submit: max_new_tokens must be in [1, " + std::to_string(kMaxNewTokens) + "], got " +
                                 std::to_string(max_new_tokens));
   if (!rules) throw std::invalid_argument("submit: stop rules must not be null");
   if (requests_.find(request_id) != requests_.end())
     throw std::invalid_argument("submit: request_id " + std::to_string(request_id) + " is already queued or active");
+  if (max_weight && !(std::isfinite(*max_weight) && *max_weight >= 0.0))
+    throw std::invalid_argument("submit: max_weight must be finite and >= 0, got " + std::to_string(*max_weight));
+  if (max_weight && !group) throw std::invalid_argument("submit: max_weight needs a group");
   int32_t g = group ? group_index(*group, false) : -1;
+  if (g >= 0 && max_weight && *max_weight != groups_[static_cast<size_t>(g)].max_weight)
+    throw std::invalid_argument("submit: group " + std::to_string(*group) + " has max_weight " +
+                                std::to_string(groups_[static_cast<size_t>(g)].max_weight) + ", got " +
+                                std::to_string(*max_weight));
   const bool settled = g >= 0 && groups_[static_cast<size_t>(g)].settled;
   if (g >= 0 && !settled && groups_[static_cast<size_t>(g)].queued > 0 &&
       groups_[static_cast<size_t>(g)].priority != priority)
@@ -198,7 +209,10 @@ void Scheduler::submit(int64_t request_id, int64_t max_new_tokens, int64_t prior
     throw QueueFullError("submit: the queue is full (max_queue=" + std::to_string(options_.max_queue) +
                          "); request " + std::to_string(request_id) + " was not queued");
 
-  if (group && g < 0) g = group_index(*group, true);
+  if (group && g < 0) {
+    g = group_index(*group, true);
+    groups_[static_cast<size_t>(g)].max_weight = max_weight.value_or(1.0);
+  }
   awaiting_answer_.erase(request_id);  // report_answer refers to the latest submission of an id
   ++stats_.submitted;
   const uint64_t seq = next_seq_++;

@@ -101,8 +101,11 @@ class Scheduler {
   // id, max_new_tokens outside [1, kMaxNewTokens], a group whose queued
   // members have another priority) or QueueFullError; either way nothing
   // changes. A request for a settled group ends at once with GROUP_CONSENSUS.
+  // max_weight: the most one member's answer may weigh in the group's vote
+  // (finite, >= 0; needs a group); a new group takes it (default 1), a
+  // submit to a held group with another value throws.
   void submit(int64_t request_id, int64_t max_new_tokens, int64_t priority, std::optional<int64_t> group,
-              std::shared_ptr<const StopRules> rules);
+              std::shared_ptr<const StopRules> rules, std::optional<double> max_weight = std::nullopt);
 
   // One decode step: `in` has one entry per row of the current batch
   // (batch_size()); throws std::invalid_argument if in.batch differs. An
@@ -137,6 +140,7 @@ class Scheduler {
   struct Group {
     int64_t id = 0;
     int64_t priority = 0;  // shared by its queued members
+    double max_weight = 1.0;  // the most one member's answer may weigh (set by the submit that creates it)
     int64_t queued = 0;
     std::vector<int32_t> members;  // slots of its active members
     int64_t wave_count = 0;        // members admitted in the current wave

@@ -47,7 +47,7 @@ def test_the_stream_drifts_toward_harder_problems(bank):
         make_stream(bank, cfg, 40)
 
 
-def test_cli_replay_writes_the_documented_json_and_policy_show_reads_the_db(tmp_path, capsys):
+def test_cli_replay_writes_the_documented_json_and_policy_show_reads_the_db(tmp_path, capsys, monkeypatch):
     small = synthetic_bank(40, 8, seed=4)
     path = tmp_path / "bank.npz"
     small.save(path)
@@ -74,11 +74,22 @@ def test_cli_replay_writes_the_documented_json_and_policy_show_reads_the_db(tmp_
     shown = capsys.readouterr().out
     assert "(global)" in shown and "last changes:" in shown and "terms=3" in shown
     assert main(["policy", "show", str(db), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["requests"] == 800
+    shown_json = capsys.readouterr().out
+    report = json.loads(shown_json)
+    assert report["requests"] == 800
+    assert isinstance(report["overload"], bool) and isinstance(report["load"]["overload"], bool)
+    assert all(isinstance(b["frozen"], bool) for b in report["buckets"].values())
+    assert '"True"' not in shown_json and '"False"' not in shown_json
+    # numpy values in the report are written as JSON values
+    from haltwise.policy.policy import Policy
+
+    monkeypatch.setattr(Policy, "report", lambda self, last_changes: {"b": np.bool_(False), "n": np.int64(2)})
+    assert main(["policy", "show", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"b": False, "n": 2}
 
 
 def test_json_default_turns_numpy_scalars_into_json_values():
-    from haltwise.policy.replay import json_default
+    from haltwise._cli_util import json_default
 
     text = json.dumps({"b": np.bool_(True), "i": np.int64(3), "f": np.float32(0.5), "a": np.arange(2)},
                       default=json_default)

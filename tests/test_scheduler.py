@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import haltwise
 from haltwise import QueueFull, StopConfig, StopReason
@@ -464,12 +466,25 @@ def test_settle_by_vote(make):
 def test_no_settle_while_a_tie_is_possible(make):
     sched = run_group(make, n_active=3, n_queued=0)
     step(sched, [0, 5, 5])
-    sched.report_answer(0, 1)
+    sched.report_answer(0, 2)
     plan = step(sched, [0, 5])  # 1 > 0 + 2? no. 1 finishes
-    sched.report_answer(1, 2)
+    sched.report_answer(1, 1)
     plan = step(sched, [5])  # 1 vs 1, 1 remaining: no
     assert plan.finished == []
-    assert sched.leader(1) == 1  # ties: the smallest key
+    assert sched.leader(1) == 2  # ties: the key reported first, not the smallest
+
+
+def test_leader_ties_go_to_the_first_reported_answer_as_in_weighted_vote(make):
+    from haltwise.voting import weighted_vote
+
+    sched = run_group(make, n_active=5, n_queued=0)
+    step(sched, [0, 0, 0, 0, 0])
+    reports = [(7, 0.5), (3, 0.25), (3, 0.25), (9, 0.5), (3, 0.0)]  # 7, 3 and 9 tie at 0.5
+    for request_id, (key, weight) in enumerate(reports):
+        sched.report_answer(request_id, key, weight)
+        assert sched.leader(1) == weighted_vote([k for k, _ in reports[: request_id + 1]],
+                                                [w for _, w in reports[: request_id + 1]])
+    assert list(sched.vote(1)) == [7, 3, 9] and sched.leader(1) == 7
 
 
 def test_settle_by_fraction(make):
@@ -513,6 +528,100 @@ def test_report_answer_bad_weight(make, weight):
     with pytest.raises(ValueError, match="weight"):
         sched.report_answer(0, 1, weight)
     sched.report_answer(0, 1, 0.0)
+
+
+def test_a_weight_above_the_groups_max_weight_is_refused_and_names_it(make):
+    sched, eos = make(4), StopConfig(eos_ids=(0,))
+    sched.submit(0, max_new_tokens=9, group=1, max_weight=12.5, stop=eos)
+    sched.submit(1, max_new_tokens=9, group=1, stop=eos)  # None: the group's
+    sched.submit(2, max_new_tokens=9, group=1, max_weight=12.5, stop=eos)  # the same value
+    sched.submit(3, max_new_tokens=9, group=2, stop=eos)  # default 1
+    sched.step(EMPTY, None)
+    step(sched, [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="max_weight 12.5"):
+        sched.report_answer(0, 1, 13.0)
+    sched.report_answer(0, 1, 12.5)  # nothing changed: it can still report
+    sched.report_answer(1, 2, 8.0)
+    assert sched.vote(1) == {1: 12.5, 2: 8.0}
+    with pytest.raises(ValueError, match=r"max_weight 1(\.0)?"):
+        sched.report_answer(3, 1, 1.5)
+    sched.report_answer(3, 1, 1.0)
+    for weight in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="weight"):
+            sched.report_answer(2, 1, weight)
+
+
+@pytest.mark.parametrize("kwargs", [dict(group=1, max_weight=2.0), dict(group=None, max_weight=1.0),
+                                    dict(group=1, max_weight=-1.0), dict(group=1, max_weight=float("inf")),
+                                    dict(group=1, max_weight=float("nan"))])
+def test_submit_bad_max_weight(make, kwargs):
+    sched = make(2)
+    sched.submit(0, max_new_tokens=5, group=1, max_weight=3.0)
+    with pytest.raises(ValueError, match="max_weight"):
+        sched.submit(1, max_new_tokens=5, **kwargs)
+    assert sched.stats()["submitted"] == 1 and sched.stats()["queued"] == 1
+
+
+@pytest.mark.parametrize("max_weight", [1.0, 4.0, 12.0])
+def test_settle_counts_each_remaining_member_at_the_groups_max_weight(make, max_weight):
+    sched = make(3)
+    for i in range(3):
+        sched.submit(i, max_new_tokens=100, group=1, max_weight=max_weight, stop=StopConfig(eos_ids=(0,)))
+    sched.step(EMPTY, None)
+    step(sched, [0, 5, 5])  # 0 finishes; 2 remain
+    sched.report_answer(0, 1, max_weight)  # max_weight > 0 + 2 * max_weight? no
+    assert step(sched, [0, 5]).finished[0].request_id == 1  # 1 finishes; 1 remains
+    sched.report_answer(1, 1, max_weight)  # 2 * max_weight > 0 + 1 * max_weight: settled at the next step
+    plan = step(sched, [5])
+    assert [(f.request_id, f.reason) for f in plan.finished] == [(2, StopReason.GROUP_CONSENSUS)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(2, 5), max_weight=st.sampled_from((0.5, 1.0, 4.0, 12.0)), data=st.data())
+def test_settle_by_vote_is_the_documented_rule_for_any_max_weight(n, max_weight, data):
+    """Both schedulers, driven alike: a group settles exactly when leader >
+    runner_up + remaining * max_weight after the answers of a step's finished
+    members (remaining: its active members)."""
+    scheds = [cls(n) for cls in IMPLEMENTATIONS.values()]
+    for sched in scheds:
+        for i in range(n):
+            sched.submit(i, max_new_tokens=100, group=1, max_weight=max_weight, stop=StopConfig(eos_ids=(0,)))
+        sched.step(EMPTY, None)
+    active, tally, settled = list(range(n)), {}, False
+    while active:
+        tokens = [data.draw(st.sampled_from((0, 5))) for _ in active]
+        plans = [step(sched, tokens) for sched in scheds]
+        ended = [[(f.request_id, f.reason) for f in plan.finished] for plan in plans]
+        assert ended[0] == ended[1]
+        if settled:
+            assert ended[0] == [(r, StopReason.GROUP_CONSENSUS) for r in active]
+            break
+        assert ended[0] == [(r, StopReason.EOS) for r, t in zip(active, tokens) if t == 0]
+        for request_id, _ in ended[0]:
+            key = data.draw(st.integers(0, 2))
+            weight = data.draw(st.sampled_from((0.0, max_weight / 4, max_weight / 2, max_weight)))
+            for sched in scheds:
+                sched.report_answer(request_id, key, weight)
+            tally[key] = tally.get(key, 0.0) + weight
+        active = [r for r, t in zip(active, tokens) if t != 0]
+        first, second = (sorted(tally.values(), reverse=True) + [0.0, 0.0])[:2]
+        settled = bool(tally) and first > second + len(active) * max_weight
+        assert scheds[0].vote(1) == scheds[1].vote(1) and scheds[0].leader(1) == scheds[1].leader(1)
+
+
+def test_a_large_weight_does_not_settle_while_a_remaining_member_could_outweigh_it(make):
+    """With max_weight 10, a first vote of 8 against one remaining member is
+    not settled (10 could overturn it), though 8 > 0 + 1 * 1."""
+    sched = make(2)
+    for i in range(2):
+        sched.submit(i, max_new_tokens=100, group=1, max_weight=10.0, stop=StopConfig(eos_ids=(0,)))
+    sched.step(EMPTY, None)
+    step(sched, [0, 5])
+    sched.report_answer(0, 1, 8.0)
+    assert step(sched, [5]).finished == []
+    step(sched, [0])
+    sched.report_answer(1, 2, 10.0)
+    assert sched.leader(1) == 2
 
 
 def test_report_answer_needs_a_finished_group_member(make):

@@ -129,6 +129,7 @@ class Differential(RuleBasedStateMachine):
         self.configs = configs
         self.next_id = 0
         self.group_priority = {}  # group -> the priority its members are submitted with
+        self.group_max_weight = {}  # group -> the max_weight its members are mostly submitted with
         # The model. live: request_id -> the states of its submissions that have not been reported ended yet,
         # oldest first ("queued", "active"); an id ended while queued (cancel, settle) and submitted again has
         # two until the next plan. tokens: the tokens stepped in per active request.
@@ -152,8 +153,15 @@ class Differential(RuleBasedStateMachine):
         priority = data.draw(st.integers(0, 2))
         if group is not None and data.draw(st.integers(0, 9)) > 0:
             priority = self.group_priority.setdefault(group, priority)  # mostly a group's own priority
+        max_weight = None
+        if group is not None:  # mostly the group's own max_weight; sometimes None (the group's) or another
+            own = self.group_max_weight.setdefault(group, data.draw(st.sampled_from((0.5, 1.0, 4.0))))
+            choice = data.draw(st.integers(0, 9))
+            max_weight = own if choice >= 3 else None if choice >= 1 else data.draw(st.sampled_from((0.5, 1.0, 4.0)))
+        elif data.draw(st.integers(0, 19)) == 0:
+            max_weight = 1.0  # without a group: refused
         kwargs = dict(max_new_tokens=data.draw(st.integers(1, 8)), priority=priority, group=group,
-                      stop=data.draw(st.sampled_from(self.configs)))
+                      stop=data.draw(st.sampled_from(self.configs)), max_weight=max_weight)
         a = outcome(lambda: self.native.submit(request_id, **kwargs))
         b = outcome(lambda: self.reference.submit(request_id, **kwargs))
         assert a == b
@@ -162,7 +170,7 @@ class Differential(RuleBasedStateMachine):
             self.live.setdefault(request_id, []).append("queued")
             self.submitted += 1
         else:
-            assert a[1] is QueueFull or request_id in self.live or group is not None
+            assert a[1] is QueueFull or request_id in self.live or group is not None or max_weight is not None
         self.next_id = max(self.next_id, request_id + 1)
 
     @precondition(lambda self: self.next_id > 0)
@@ -176,7 +184,7 @@ class Differential(RuleBasedStateMachine):
     def report_answer(self, data):
         request_id = data.draw(st.sampled_from(self.ended))
         key = data.draw(st.integers(0, 2))
-        weight = data.draw(st.sampled_from((None, 0.0, 0.5, 1.0)))
+        weight = data.draw(st.sampled_from((None, 0.0, 0.5, 1.0, 2.5, 4.0, 5.0)))
         assert outcome(lambda: self.native.report_answer(request_id, key, weight)) == outcome(
             lambda: self.reference.report_answer(request_id, key, weight))
 

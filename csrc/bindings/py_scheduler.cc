@@ -227,11 +227,12 @@ void bind_scheduler(py::module_& m) {
       .def(
           "submit",
           [](PyScheduler& s, int64_t request_id, int64_t max_new_tokens, int64_t priority,
-             std::optional<int64_t> group, std::shared_ptr<StopRules> rules) {
+             std::optional<int64_t> group, std::shared_ptr<StopRules> rules, std::optional<double> max_weight) {
             const auto held = lock(s);
-            s.core.submit(request_id, max_new_tokens, priority, group, std::move(rules));
+            s.core.submit(request_id, max_new_tokens, priority, group, std::move(rules), max_weight);
           },
-          py::arg("request_id"), py::arg("max_new_tokens"), py::arg("priority"), py::arg("group"), py::arg("rules"))
+          py::arg("request_id"), py::arg("max_new_tokens"), py::arg("priority"), py::arg("group"), py::arg("rules"),
+          py::arg("max_weight") = py::none())
       .def("step", &step, py::arg("tokens"), py::arg("signals"))
       .def(
           "cancel",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 class CliError(Exception):
     """A user error in the command line: printed as one line, exit code 2."""
@@ -38,3 +40,18 @@ def check_plot(option: str, path: str | None) -> None:
         raise CliError(f"{option} {path}: plotting needs matplotlib, which is not installed "
                        f"(pip install matplotlib, or drop {option})") from None
     check_output(option, path)
+
+
+def json_default(value):
+    """``json.dumps(default=...)`` of the command line's JSON output: numpy
+    values become JSON values (a numpy bool a JSON bool, not the string
+    "True"); anything else raises TypeError."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"json_default: {type(value).__name__} is not JSON serialisable")

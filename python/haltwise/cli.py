@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from ._cli_util import CliError, check_output, check_plot
+from ._cli_util import CliError, check_output, check_plot, json_default
 
 
 def _write_json(path: str | None, payload) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        Path(path).write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
         print(f"wrote {path}")
 
 

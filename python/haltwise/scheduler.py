@@ -48,9 +48,10 @@ Admission, after the step's evictions
     same time must share a priority.
 Groups and votes
     ``report_answer`` adds a finished member's answer to its group's weighted
-    vote. A group is settled when its leader can no longer be overturned,
-    ``leader > runner_up + remaining`` (remaining: the group's active and
-    queued members, each worth a weight of at most 1), or, with
+    vote (a weight in ``[0, max_weight]``; the group's ``max_weight`` is set
+    by the submit that creates it, default 1). A group is settled when its
+    leader can no longer be overturned, ``leader > runner_up + remaining *
+    max_weight`` (remaining: the group's active and queued members), or, with
     ``consensus_fraction``, once ``votes >= consensus_min_votes`` and
     ``leader / total >= consensus_fraction``. The rule is checked at the start
     of each step for the groups whose votes or members changed, that is after
@@ -282,7 +283,19 @@ def check_submit(request_id: Any, max_new_tokens: Any, priority: Any, group: Any
 
 
 def check_weight(weight: Any) -> float:
-    return 1.0 if weight is None else check_float("report_answer", "weight", weight, 0.0, 1.0)
+    """A reported answer's weight: finite, >= 0 (default 1); the group's
+    max_weight is checked by the scheduler."""
+    return 1.0 if weight is None else check_float("report_answer", "weight", weight, 0.0)
+
+
+def check_max_weight(max_weight: Any, group: int | None) -> float | None:
+    """submit's max_weight: None, or finite and >= 0 with a group."""
+    if max_weight is None:
+        return None
+    max_weight = check_float("submit", "max_weight", max_weight, 0.0)
+    if group is None:
+        raise ValueError("submit: max_weight needs a group")
+    return max_weight
 
 
 # ---- output types -------------------------------------------------------------------
@@ -486,17 +499,23 @@ class Scheduler:
         return self._native.batch_size
 
     def submit(self, request_id: int, *, max_new_tokens: int, priority: int = 0, group: int | None = None,
-               stop: StopConfig = _DEFAULT_STOP) -> None:
+               stop: StopConfig = _DEFAULT_STOP, max_weight: float | None = None) -> None:
         """Queue a request. ValueError for a request_id already queued or active,
         max_new_tokens outside ``[1, MAX_NEW_TOKENS]`` (2**24), or a priority
         unlike that of its group's queued members; :class:`QueueFull` when
         ``max_queue`` requests are queued. On any error nothing changes.
 
+        max_weight (needs a group; finite, >= 0): the most one member's answer
+        may weigh in the group's vote (:meth:`report_answer`). The submit that
+        creates the group sets it (default 1.0); a later submit to the group
+        may repeat it or leave it None, another value raises ValueError.
+
         Once accepted, a request always ends, exactly once, in some plan's
         ``finished``: if its state cannot be allocated when it is admitted,
         it ends with OUT_OF_MEMORY (and its row goes to the next request)."""
         request_id, max_new_tokens, priority, group = check_submit(request_id, max_new_tokens, priority, group, stop)
-        self._native.submit(request_id, max_new_tokens, priority, group, _native_rules(stop))
+        max_weight = check_max_weight(max_weight, group)
+        self._native.submit(request_id, max_new_tokens, priority, group, _native_rules(stop), max_weight)
 
     def step(self, tokens: Any, signals: Any) -> StepPlan:
         """One decode step.
@@ -525,8 +544,9 @@ class Scheduler:
 
     def report_answer(self, request_id: int, answer_key: int, weight: float | None = None) -> None:
         """Add the answer of a finished group member to its group's vote
-        (weight in [0, 1], default 1). ValueError unless the request has
-        finished, belongs to a group, and has not reported yet."""
+        (weight finite, in [0, the group's max_weight], default 1). ValueError
+        unless the request has finished, belongs to a group, and has not
+        reported yet, or for a weight above the group's max_weight."""
         self._native.report_answer(check_int("report_answer", "request_id", request_id),
                                    check_int("report_answer", "answer_key", answer_key), check_weight(weight))
 
@@ -541,7 +561,7 @@ class Scheduler:
         return self._native.vote(check_int("vote", "group", group))
 
     def leader(self, group: int) -> int | None:
-        """The answer key with the most weight (ties: the smallest key); None before any vote."""
+        """The answer key with the most weight (ties: the key reported first); None before any vote."""
         return self._native.leader(check_int("leader", "group", group))
 
     def stats(self) -> dict:

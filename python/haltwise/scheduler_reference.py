@@ -26,6 +26,7 @@ from .scheduler import (
     StopReason,
     check_int,
     check_scheduler_options,
+    check_max_weight,
     check_submit,
     check_weight,
 )
@@ -245,11 +246,12 @@ class _Group:
         self.tally: dict[int, float] = {}  # answer key -> weight, first-reported first
         self.votes = 0
         self.total = 0.0
+        self.max_weight = 1.0  # the most one member's answer may weigh
 
     def leader(self) -> Optional[int]:
         best, best_weight = None, 0.0
         for key, weight in self.tally.items():
-            if best is None or weight > best_weight or (weight == best_weight and key < best):
+            if best is None or weight > best_weight:  # ties: the key reported first
                 best, best_weight = key, weight
         return best
 
@@ -257,7 +259,7 @@ class _Group:
         weights = sorted(self.tally.values(), reverse=True) + [0.0, 0.0]
         first, second = weights[0], weights[1]
         remaining = self.active + len(self.queued)
-        if first > second + remaining * 1.0:
+        if first > second + remaining * self.max_weight:
             return True
         return fraction is not None and self.votes >= min_votes and self.total > 0 and first / self.total >= fraction
 
@@ -394,10 +396,14 @@ class ReferenceScheduler:
         request_id = check_int("report_answer", "request_id", request_id)
         answer_key = check_int("report_answer", "answer_key", answer_key)
         weight = check_weight(weight)
-        group = self._awaiting.pop(request_id, None)
+        group = self._awaiting.get(request_id)
         if group is None:
             raise ValueError(f"report_answer: request {request_id} is not a finished member of a group awaiting "
                              "its answer (unknown, still queued or active, in no group, or already reported)")
+        if weight > group.max_weight:
+            raise ValueError(f"report_answer: weight {weight} exceeds its group's max_weight {group.max_weight} "
+                             "(set at submit)")
+        del self._awaiting[request_id]
         group.tally[answer_key] = group.tally.get(answer_key, 0.0) + weight
         group.votes += 1
         group.total += weight
@@ -414,12 +420,15 @@ class ReferenceScheduler:
     # ---- requests ------------------------------------------------------------------
 
     def submit(self, request_id: int, *, max_new_tokens: int, priority: int = 0, group: int | None = None,
-               stop: StopConfig = StopConfig()) -> None:
+               stop: StopConfig = StopConfig(), max_weight: float | None = None) -> None:
         request_id, max_new_tokens, priority, group_id = check_submit(request_id, max_new_tokens, priority, group,
                                                                       stop)
+        max_weight = check_max_weight(max_weight, group_id)
         if request_id in self._queued or request_id in self._active:
             raise ValueError(f"submit: request_id {request_id} is already queued or active")
         group = self._groups.get(group_id) if group_id is not None else None
+        if group is not None and max_weight is not None and max_weight != group.max_weight:
+            raise ValueError(f"submit: group {group_id} has max_weight {group.max_weight}, got {max_weight}")
         settled = group is not None and group.settled
         if group is not None and not settled and group.queued and group.priority != priority:
             raise ValueError(f"submit: priority of a group's queued members must match: group {group_id} has "
@@ -429,6 +438,7 @@ class ReferenceScheduler:
                             "was not queued")
         if group_id is not None and group is None:
             group = self._groups[group_id] = _Group(group_id)
+            group.max_weight = 1.0 if max_weight is None else max_weight
         self._awaiting.pop(request_id, None)
         self._stats["submitted"] += 1
         if stop not in self._rules:

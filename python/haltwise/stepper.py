@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .hashing import GOLDEN_GAMMA, splitmix64
 from .metrics import HaltwiseMetrics, resolve
 from .scheduler import QueueFull, Scheduler, StepPlan, StopConfig, StopReason, check_int, check_submit
 from .signals import signals
@@ -45,11 +46,8 @@ def row_seeds(base_seed: int, request_ids: np.ndarray) -> np.ndarray:
     """A 64-bit seed per request (splitmix64 of base_seed and the id), so a
     request's sampling noise never depends on the batch it runs in."""
     with np.errstate(over="ignore"):
-        z = np.uint64(base_seed % 2**64) + request_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return z.view(np.int64)
+        state = np.uint64(base_seed % 2**64) + request_ids.astype(np.uint64) * np.uint64(GOLDEN_GAMMA)
+    return splitmix64(state).view(np.int64)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .trace_rules import first_cut_step, oriented_signal, vote_weight
+
 SIGNALS = ("topk_conf", "logprob", "entropy", "confidence", "margin")
 BUNDLED_BANK = Path(__file__).resolve().parent / "data" / "arith_bank.npz"  # written by `haltwise record`
 NO_ANSWER = np.iinfo(np.int64).min  # stored in `answers` where a trace gave no parseable answer
@@ -64,9 +66,7 @@ class TraceBank:
         name may also be "neg_entropy" (the oriented entropy the rules use)."""
         i = p * self.traces_per_problem + k
         lo, hi = self.offsets[i], self.offsets[i + 1]
-        if name == "neg_entropy":
-            return -self.signals["entropy"][lo:hi].astype(np.float32)
-        return self.signals[name][lo:hi].astype(np.float32)
+        return oriented_signal({key: values[lo:hi] for key, values in self.signals.items()}, name, np.float32)
 
     def save(self, path: str | Path) -> None:
         arrays: dict[str, Any] = dict(references=self.references, difficulty=self.difficulty, answers=self.answers,
@@ -202,10 +202,12 @@ def cut_length(values: np.ndarray, threshold: float, *, window: int, min_new_tok
     """The token count at which LOW_CONFIDENCE would cut a trace with these
     per-token values (oriented: higher = more confident), or None if never:
     the first evaluated n whose window mean < threshold. `values` is a whole
-    uncut trace whose last token ended it (last_evaluated=False), as in a bank."""
-    start = max(1, min_new_tokens)
-    below = np.flatnonzero(_evaluated_means(values, window, min_new_tokens, last_evaluated) < threshold)
-    return int(start + below[0]) if below.size else None
+    uncut trace whose last token ended it (last_evaluated=False), as in a bank.
+    The same rule as :meth:`haltwise.policy.calibration.TraceProfile.cut_length`
+    (:func:`haltwise.trace_rules.first_cut_step`)."""
+    means = _evaluated_means(values, window, min_new_tokens, last_evaluated)
+    running = np.minimum.accumulate(means) if means.size else means
+    return first_cut_step(running, max(1, min_new_tokens) - 1, threshold)
 
 
 def lowest_window_mean(values: np.ndarray, *, window: int, min_new_tokens: int, last_evaluated: bool = False) -> float:
@@ -263,7 +265,7 @@ def replay_warmup_cut(bank: TraceBank, *, warmup: int, keep_percent: float, sign
             tokens[p] += n if cut is None else cut
             if cut is None and bank.answers[p, k] != NO_ANSWER:
                 answers.append(int(bank.answers[p, k]))
-                weights.append(math.exp(float(bank.signal(p, k, "logprob").mean())) if n else 0.0)
+                weights.append(vote_weight(float(bank.signal(p, k, "logprob").mean()) if n else math.nan))
         voted = weighted_vote(answers, weights if weighting == "confidence" else None)
         correct[p] = voted is not None and voted == int(bank.references[p])
     return ReplayOutcome(tokens=tokens, correct=correct)

@@ -144,8 +144,9 @@ class VLLMParallelSampler:
         from vllm.sampling_params import RequestOutputKind
 
         from ..decoding.loop import LoopStats
-        from ..decoding.parallel import VOTING_REASONS, ProblemResult, RunResult, TraceResult
+        from ..decoding.parallel import ProblemResult, RunResult, TraceResult
         from ..scheduler import StopReason
+        from ..trace_rules import VOTING_REASONS
         from ..tracebank import cut_length, lowest_window_mean
         from ..voting import vote_settled, warmup_threshold
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..scheduler import StopReason
-from ..trace_rules import VOTING_REASONS, vote_weight
+from ..trace_rules import VOTING_REASONS, first_cut_step, first_cut_steps, vote_weight
 from ..tracebank import window_means
 from ..voting import warmup_threshold
 from .strategy import Strategy, replay_columns
@@ -61,19 +61,12 @@ class TraceProfile:
 
     def cut_length(self, threshold: float) -> int | None:
         """Tokens at which `threshold` cuts the trace, None if it never does."""
-        if not self.running.size or not self.running[-1] < threshold:
-            return None
-        return self.start + int(np.searchsorted(-self.running, -threshold, side="right")) + 1
+        return first_cut_step(self.running, self.start, threshold)
 
     def cut_lengths(self, thresholds: np.ndarray) -> np.ndarray:
         """int64 (len(thresholds),): tokens generated under each threshold --
         the cut step, or the full length where the threshold never cuts."""
-        thresholds = np.asarray(thresholds, dtype=np.float64)
-        if not self.running.size:
-            return np.full(thresholds.shape, self.length, dtype=np.int64)
-        # running is non-increasing: the first step below t is a search on its negation
-        first = np.searchsorted(-self.running, -thresholds, side="right")
-        return np.where(first < self.running.size, self.start + first + 1, self.length).astype(np.int64)
+        return first_cut_steps(self.running, self.start, thresholds, self.length)
 
 
 def evaluated_length(num_tokens: int, reason: int) -> int:

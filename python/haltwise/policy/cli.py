@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .._cli_util import CliError, check_output, check_plot
+from .._cli_util import CliError, check_output, check_plot, json_default
 
 
 def add_policy_subcommands(subparsers) -> None:
@@ -159,7 +159,7 @@ def _show(args) -> int:
     finally:
         policy.close()
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report, indent=2, default=json_default))
     else:
         print(format_show(report))
     return 0
@@ -168,7 +168,7 @@ def _show(args) -> int:
 def _replay(args) -> int:
     from ..tracebank import TraceBank
     from .config import PolicyConfig
-    from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_default, json_payload, plot_report, run_replay
+    from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_payload, plot_report, run_replay
     from .synthetic import synthetic_bank
 
     check_output("--json", args.json)

@@ -45,7 +45,8 @@ import numpy as np
 from ..scheduler import StopConfig, StopReason, check_bool, check_float, check_int
 from ..voting import weighted_vote
 from . import ltt
-from ..trace_rules import vote_weight
+from ..hashing import GOLDEN_GAMMA, MIX_1, MIX_2, splitmix64
+from ..trace_rules import oriented_signal, vote_weight
 from .anytime import AnytimeState, Certifier, policy_families
 from .buckets import (CLASS_PREFIX, BucketState, SliceCounts, class_of, needs_warmup, normalize_key, path_of,
                       resolve)
@@ -143,8 +144,7 @@ class TraceOutcome:
         values = None
         if getattr(record, "signals", None) is not None:
             raw = record.signals
-            values = -np.asarray(raw["entropy"], np.float32) if signal == "neg_entropy" else \
-                np.asarray(raw[signal], np.float32)
+            values = oriented_signal(raw, signal, np.float32)
         reason = record.would_stop_reason
         return cls(answer=answer, num_tokens=int(record.num_tokens), reason=int(record.reason), signal=values,
                    mean_logprob=float(record.mean_logprob), would_stop_step=int(record.would_stop_step),
@@ -186,10 +186,7 @@ def control_draw(seed: int, request_id: int) -> float:
     control slice is every request whose draw is below the control share, a
     selection independent of the request's content."""
     mask = (1 << 64) - 1
-    z = (seed * 0x9E3779B97F4A7C15 + request_id * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    z ^= z >> 31
+    z = splitmix64((seed * GOLDEN_GAMMA + request_id * MIX_1 + MIX_2) & mask)
     return (z >> 11) / float(1 << 53)
 
 

@@ -40,10 +40,10 @@ from typing import Callable
 import numpy as np
 
 from ..scheduler import StopReason
+from ..trace_rules import VOTING_REASONS, vote_weight, vote_weights
 from ..tracebank import BUNDLED_BANK, NO_ANSWER, TraceBank
 from ..voting import weighted_vote
-from ..trace_rules import vote_weight, vote_weights
-from .calibration import VOTING_REASONS, TraceProfile, trace_profile, vote_matrix
+from .calibration import TraceProfile, trace_profile, vote_matrix
 from .config import PolicyConfig
 from .policy import Policy, TraceOutcome
 from .strategy import run as run_strategy
@@ -372,19 +372,6 @@ def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, p
             "traces": int(K), "threshold": threshold, "em": em, "em_uncut": float(base_right.mean()),
             "saved": float(1.0 - per_request.sum() / base_tokens.sum()),
             "tokens": [int(t) for t in per_request]}
-
-
-def json_default(value):
-    """json.dumps default for numpy scalars (a numpy bool becomes a JSON bool, not the string "True")."""
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"json_default: {type(value).__name__} is not JSON serialisable")
 
 
 def static_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..decoding.parallel import EarlyStopSettings, ParallelSampler, ProblemPlan, ProblemResult, RunResult
 from ..scheduler import StopConfig
+from ..trace_rules import oriented_signal
 from ..tracebank import NO_ANSWER, TraceBank
 from .policy import Policy, TraceOutcome
 
@@ -73,8 +74,7 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
 
 def oriented(signals: dict, name: str) -> np.ndarray:
     """A recorded trace's per-token values of the policy's signal, higher = more confident."""
-    return -np.asarray(signals["entropy"], np.float32) if name == "neg_entropy" else np.asarray(signals[name],
-                                                                                                np.float32)
+    return oriented_signal(signals, name, np.float32)
 
 
 def calibrate_from_run(policy: Policy, run: RunResult, problems: Sequence, *,
