@@ -991,7 +991,7 @@ class Policy:
                 rows[int(name.split("/")[1])] = [c - 1 for c in cols]
         tables = {r: stats.table(r, [None] * (G + 1), cfg) for r in rows} if cfg.objective == "value" else {}
 
-        def score(rc: tuple[int, int]) -> float:  # higher is better
+        def gain(rc: tuple[int, int]) -> float:  # higher is better
             r, c = rc
             return tables[r][c + 1]["value"] if tables else -float(tokens[r, c + 1])
 
@@ -1005,11 +1005,11 @@ class Policy:
         else:
             guard = None
         pairs = [(0, -1)] + [(r, c) for r, cs in rows.items() for c in cs]
-        best = max(pairs, key=lambda rc: (score(rc), rc[1]))
+        best = max(pairs, key=lambda rc: (gain(rc), rc[1]))
         mine = [rc for rc in pairs if rc[0] == ramp.strategy]
         if mine and best[0] != ramp.strategy:
-            kept = max(mine, key=lambda rc: (score(rc), rc[1]))
-            if score(best) - score(kept) < _FAMILY_MARGIN * abs(score(kept)):
+            kept = max(mine, key=lambda rc: (gain(rc), rc[1]))
+            if gain(best) - gain(kept) < _FAMILY_MARGIN * abs(gain(kept)):
                 best = kept  # hysteresis: change the strategy only for a clear gain
         target_row, target = best
         certified = rows.get(0, [])

@@ -73,8 +73,8 @@ class Strategy:
         return [self.traces, self.wave_size, self.consensus, self.consensus_threshold, self.weighting]
 
 
-def run(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float],
-        lengths: Sequence[int]) -> tuple[int | None, list[int], list[bool]]:
+def run(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float] | np.ndarray,
+        lengths: Sequence[int] | np.ndarray) -> tuple[int | None, list[int], list[bool]]:
     """`strategy` on one request's traces under one cut: answers[k] is trace
     k's vote (None: cut, no answer or no vote), weights[k] its confidence
     weight, lengths[k] its tokens under the cut. Returns (voted answer, tokens
@@ -113,8 +113,8 @@ def run(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[flo
     return weighted_vote(answers, weights), lengths, [True] * K
 
 
-def replay(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float],
-           lengths: Sequence[int]) -> tuple[int | None, int]:
+def replay(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float] | np.ndarray,
+           lengths: Sequence[int] | np.ndarray) -> tuple[int | None, int]:
     """(voted answer, tokens) of :func:`run`."""
     answer, tokens, _ = run(strategy, answers, weights, lengths)
     return answer, sum(tokens)
