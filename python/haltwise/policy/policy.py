@@ -54,6 +54,7 @@ from .calibration import (VOTING_REASONS, CandidateOutcomes, TraceProfile, candi
                           differences, make_grid, quantile_levels, trace_profile)
 from .config import PolicyConfig
 from .cost import candidate_table
+from .evaluation import choose, token_gain
 from .load import LoadMonitor, LoadState
 from .shadow import summarize as summarize_shadow
 from .shadow import would_have
@@ -61,8 +62,6 @@ from .store import PolicyDatabaseError, Store
 from .strategy import Strategy
 
 KINDS = ("warmup", "control", "shadow", "policy")
-# The overload trace count changes only when another count's certified candidate is this much better (relative).
-_FAMILY_MARGIN = 0.05
 SOURCES = ("label", "user")
 # A control request's traces must have ended on their own for the replay to be exact.
 _NATURAL_ENDS = VOTING_REASONS | {StopReason.INVALID_LOGITS}
@@ -979,54 +978,25 @@ class Policy:
         G = len(bucket.grid)
         # the families of tests (anytime.policy_families), each a function of the level; the re-test schedule
         # (anytime.py) picks the level and, between checkpoints, only removes candidates
-        R = len(cfg.trace_options)
         families = policy_families(cfg, harms, helps, n, test)
         sets, checkpoint = Certifier(cfg.schedule()).evaluate(anytime, families)
         bucket.anytime = anytime.to_dict()
         bucket.ready = anytime.checkpoints >= 1
-        # normal mode: every certified (strategy row, grid index); row 0's "no cut" is the uncut run itself
-        rows = {0: list(sets["normal"])}
-        for name, cols in sets.items():
-            if name.startswith("normal/"):
-                rows[int(name.split("/")[1])] = [c - 1 for c in cols]
-        tables = {r: stats.table(r, [None] * (G + 1), cfg) for r in rows} if cfg.objective == "value" else {}
-
-        def gain(rc: tuple[int, int]) -> float:  # higher is better
-            r, c = rc
-            return tables[r][c + 1]["value"] if tables else -float(tokens[r, c + 1])
-
+        # the targets (evaluation.py): normal mode over every certified (strategy row, grid index), overload over
+        # the trace counts; objective "value" ranks by expected value instead of tokens
+        if cfg.objective == "value":
+            tables = {r: stats.table(r, [None] * (G + 1), cfg) for r in range(len(cfg.strategy_rows))}
+            gain = lambda r, c: tables[r][c]["value"]  # noqa: E731
+        else:
+            gain = token_gain(tokens)
         ramp = bucket.normal
         guard = self._guard(bucket)
-        if guard is not None and bucket.ready and (ramp.strategy != 0 or ramp.index >= 0):
-            # step back: only the candidates of the row in force below the value in force
-            rows = {0: [c for c in rows.get(0, []) if ramp.strategy == 0 and c < ramp.index]}
-            if ramp.strategy:
-                rows[ramp.strategy] = [c for c in rows.get(ramp.strategy, []) if c < ramp.index]
-        else:
+        if guard is None or not bucket.ready or (ramp.strategy == 0 and ramp.index < 0):
             guard = None
-        pairs = [(0, -1)] + [(r, c) for r, cs in rows.items() for c in cs]
-        best = max(pairs, key=lambda rc: (gain(rc), rc[1]))
-        mine = [rc for rc in pairs if rc[0] == ramp.strategy]
-        if mine and best[0] != ramp.strategy:
-            kept = max(mine, key=lambda rc: (gain(rc), rc[1]))
-            if gain(best) - gain(kept) < _FAMILY_MARGIN * abs(gain(kept)):
-                best = kept  # hysteresis: change the strategy only for a clear gain
-        target_row, target = best
+        choice = choose(sets, gain=gain, in_force=(ramp.strategy, ramp.index), trace_options=cfg.trace_options,
+                        overload_traces=bucket.overload.target_traces, guard=guard)
+        rows, target_row, target, best = choice.rows, choice.target_row, choice.target, choice.overload
         certified = rows.get(0, [])
-        candidates = []
-        for r in range(R):
-            cols = sets[f"overload/{cfg.trace_options[r]}"]
-            if not cols:
-                continue
-            values = stats.table(r, [None] * (G + 1), cfg) if cfg.objective == "value" else None
-            c = max(cols, key=lambda c: (-tokens[r, c], c) if values is None else (values[c]["value"], c))
-            score = -tokens[r, c] if values is None else values[c]["value"]
-            candidates.append((score, cfg.trace_options[r], c - 1, [col - 1 for col in cols]))
-        best = max(candidates, default=None, key=lambda f: f[0])
-        current = next((f for f in candidates if f[1] == bucket.overload.target_traces), None)
-        if best is not None and current is not None and best is not current and \
-                best[0] - current[0] < _FAMILY_MARGIN * abs(current[0]):
-            best = current  # hysteresis: switch the trace count only for a clear gain
         row0_target = max(certified, default=-1)
         fail = next((c for c in range(G) if c not in certified and c > row0_target), None)
         bucket.last_eval = {
@@ -1038,7 +1008,7 @@ class Policy:
             "first_uncertified": None if fail is None else
             {"index": fail, "threshold": bucket.grid[fail], "harms": int(harms[0, fail + 1]),
              "helps": int(helps[0, fail + 1])},
-            "overload": None if best is None else {"traces": best[1], "index": best[2]},
+            "overload": None if best is None else {"traces": best.traces, "index": best.index},
             "guard": guard, "labelled": anytime.labelled, "checkpoint": anytime.checkpoints,
             "level": cfg.schedule().level(anytime.checkpoints) if anytime.checkpoints else None,
             "at_checkpoint": checkpoint,
@@ -1051,7 +1021,7 @@ class Policy:
                                  "first checkpoint of the re-test schedule reached: the bucket's own test now decides")
         self._set_target(bucket, rows, target_row, target, n, test, harms, helps, guard)
         if best is not None:
-            self._set_overload_target(bucket, best[1], best[2], best[3], n, test)
+            self._set_overload_target(bucket, best.traces, best.index, best.certified, n, test)
         elif bucket.overload_ready:
             bucket.overload_ready = False
             self.store.add_audit(self._seq, bucket.name, "overload_threshold", None, None, {"n": n, "test": test},
