@@ -178,9 +178,10 @@ def policy_families(config, harms, helps, n: int, test: str) -> dict[str, Family
     shares): "normal" (row 0's grid, ``chain_starts`` chains; its "no cut"
     is the uncut run itself) and "normal/<r>" per consensus strategy (its
     columns from "no cut" up, one chain). Overload, at epsilon_overload:
-    "overload/<K'>" every column of trace option K', weighted Bonferroni (a
-    fewer-traces family weighs 2, the all-traces family 1; a fewer-traces
-    chain starts at "no cut" and one chain keeps all its power there)."""
+    "overload/<K'>" every column of trace option K' and "overload/s<r>"
+    every column of consensus strategy r, weighted Bonferroni (a
+    fewer-traces family weighs 2, the all-traces and consensus families 1;
+    those but the all-traces one are single chains from "no cut")."""
     options = config.trace_options
     consensus_rows = range(len(options), len(config.strategy_rows))
     share = 1.0 / (1 + len(consensus_rows))
@@ -189,11 +190,14 @@ def policy_families(config, harms, helps, n: int, test: str) -> dict[str, Family
     for r in consensus_rows:
         families[f"normal/{r}"] = chain_family(harms[r], helps[r], n, epsilon=config.epsilon, test=test, starts=1,
                                                share=share)
-    weights = [1.0 if k == config.traces else 2.0 for k in options]
+    weights = [1.0 if k == config.traces else 2.0 for k in options] + [1.0] * len(consensus_rows)
     for r, k in enumerate(options):
         families[f"overload/{k}"] = chain_family(harms[r], helps[r], n, epsilon=config.epsilon_overload, test=test,
                                                  starts=config.chain_starts if k == config.traces else 1,
                                                  share=weights[r] / sum(weights))
+    for r in consensus_rows:
+        families[f"overload/s{r}"] = chain_family(harms[r], helps[r], n, epsilon=config.epsilon_overload, test=test,
+                                                  starts=1, share=weights[r] / sum(weights))
     return families
 
 

@@ -16,9 +16,10 @@ FAMILY_MARGIN = 0.05
 
 @dataclass(frozen=True)
 class OverloadChoice:
-    """The overload target: `traces` traces at grid index `index` (-1: no
-    cut); `certified`: the grid indices that trace count certified."""
+    """The overload target: strategy row `row` (`traces` traces) at grid
+    index `index` (-1: no cut); `certified`: the grid indices it certified."""
 
+    row: int
     traces: int
     index: int
     certified: list[int]
@@ -49,12 +50,14 @@ def normal_rows(sets: Mapping[str, Sequence[int]]) -> dict[int, list[int]]:
 
 
 def choose(sets: Mapping[str, Sequence[int]], *, gain: Callable[[int, int], float], in_force: tuple[int, int],
-           trace_options: Sequence[int], overload_traces: int, guard: dict | None) -> Evaluation:
+           strategy_rows: Sequence, trace_options: Sequence[int], overload_row: int,
+           guard: dict | None) -> Evaluation:
     """The targets of one evaluation.
 
     gain(row, column): higher is better (minus mean tokens, or the value);
     in_force: the normal (strategy row, grid index) in force;
-    overload_traces: the overload trace count targeted so far (hysteresis);
+    strategy_rows, trace_options: config.strategy_rows and config.trace_options;
+    overload_row: the overload strategy row targeted so far (hysteresis);
     guard: the user-report guard's finding, if it fired: then only the
         candidates of the row in force below the value in force remain."""
     rows = normal_rows(sets)
@@ -75,17 +78,17 @@ def choose(sets: Mapping[str, Sequence[int]], *, gain: Callable[[int, int], floa
         if score(best)[0] - score(kept)[0] < FAMILY_MARGIN * abs(score(kept)[0]):
             best = kept  # change the strategy only for a clear gain
     choices = []
-    for r, k in enumerate(trace_options):
-        cols = sets[f"overload/{k}"]
+    for r, strategy in enumerate(strategy_rows):
+        cols = sets[f"overload/{trace_options[r]}" if r < len(trace_options) else f"overload/s{r}"]
         if cols:
             c = max(cols, key=lambda c: (gain(r, c), c))
-            choices.append(OverloadChoice(traces=k, index=int(c) - 1, certified=[int(col) - 1 for col in cols],
-                                          gain=gain(r, c)))
+            choices.append(OverloadChoice(row=r, traces=strategy.traces, index=int(c) - 1,
+                                          certified=[int(col) - 1 for col in cols], gain=gain(r, c)))
     overload = max(choices, default=None, key=lambda o: o.gain)
-    current = next((o for o in choices if o.traces == overload_traces), None)
+    current = next((o for o in choices if o.row == overload_row), None)
     if overload is not None and current is not None and overload is not current and \
             overload.gain - current.gain < FAMILY_MARGIN * abs(current.gain):
-        overload = current  # switch the trace count only for a clear gain
+        overload = current  # switch the overload strategy only for a clear gain
     return Evaluation(rows=rows, target_row=best[0], target=best[1], overload=overload, guard=guard)
 
 

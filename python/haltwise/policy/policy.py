@@ -487,8 +487,9 @@ class Policy:
         if kind == "policy" and overload_values:
             # the overload values of the deepest ready bucket whose overload test has certified something
             source = next(b for b in reversed(path) if b.ready and b.overload_ready)
-            traces, index = source.overload.traces, source.overload.index
-            row = cfg.trace_options.index(traces)
+            traces, index, row = source.overload.traces, source.overload.index, source.overload.strategy
+            if not consensus and cfg.strategy_rows[row].consensus is not None:  # the caller cannot run it
+                traces, index, row = cfg.traces, max(source.normal.plain_certified, default=-1), 0
         elif kind == "policy":
             index, row = normal_index, normal_row
             if row != 0 and not consensus:  # the caller cannot run the strategy: the plain one's best certified
@@ -993,8 +994,8 @@ class Policy:
         guard = self._guard(bucket)
         if guard is None or not bucket.ready or (ramp.strategy == 0 and ramp.index < 0):
             guard = None
-        choice = choose(sets, gain=gain, in_force=(ramp.strategy, ramp.index), trace_options=cfg.trace_options,
-                        overload_traces=bucket.overload.target_traces, guard=guard)
+        choice = choose(sets, gain=gain, in_force=(ramp.strategy, ramp.index), strategy_rows=cfg.strategy_rows,
+                        trace_options=cfg.trace_options, overload_row=bucket.overload.target_strategy, guard=guard)
         rows, target_row, target, best = choice.rows, choice.target_row, choice.target, choice.overload
         certified = rows.get(0, [])
         row0_target = max(certified, default=-1)
@@ -1008,7 +1009,8 @@ class Policy:
             "first_uncertified": None if fail is None else
             {"index": fail, "threshold": bucket.grid[fail], "harms": int(harms[0, fail + 1]),
              "helps": int(helps[0, fail + 1])},
-            "overload": None if best is None else {"traces": best.traces, "index": best.index},
+            "overload": None if best is None else {"traces": best.traces, "index": best.index,
+                                                   "strategy": cfg.strategy_rows[best.row].name},
             "guard": guard, "labelled": anytime.labelled, "checkpoint": anytime.checkpoints,
             "level": cfg.schedule().level(anytime.checkpoints) if anytime.checkpoints else None,
             "at_checkpoint": checkpoint,
@@ -1021,7 +1023,7 @@ class Policy:
                                  "first checkpoint of the re-test schedule reached: the bucket's own test now decides")
         self._set_target(bucket, rows, target_row, target, n, test, harms, helps, guard)
         if best is not None:
-            self._set_overload_target(bucket, best.traces, best.index, best.certified, n, test)
+            self._set_overload_target(bucket, best.row, best.traces, best.index, best.certified, n, test)
         elif bucket.overload_ready:
             bucket.overload_ready = False
             self.store.add_audit(self._seq, bucket.name, "overload_threshold", None, None, {"n": n, "test": test},
@@ -1084,14 +1086,15 @@ class Policy:
                                   "certified": len(certified)},
                                  "certified target moved; the value in force follows at the rate limit")
 
-    def _set_overload_target(self, bucket: BucketState, traces: int, index: int, certified: list[int], n: int,
-                             test: str) -> None:
+    def _set_overload_target(self, bucket: BucketState, row: int, traces: int, index: int, certified: list[int],
+                             n: int, test: str) -> None:
         ramp = bucket.overload
         old = (ramp.target_traces, ramp.target)
-        ramp.target_traces, ramp.target = traces, index
+        old_row = ramp.target_strategy
+        ramp.target_strategy, ramp.target_traces, ramp.target = row, traces, index
         newly = not bucket.overload_ready
         bucket.overload_ready = True
-        same_family = ramp.traces == traces
+        same_family = ramp.traces == traces and ramp.strategy == row
         ramp.certified = list(certified)
         if self._monitor.state.overload:
             if not same_family:
@@ -1103,12 +1106,13 @@ class Policy:
                 self.store.add_audit(self._seq, bucket.name, "overload_threshold", bucket.threshold_of(prev),
                                      bucket.threshold_of(ramp.index), {"n": n, "test": test, "traces": traces},
                                      "lowered at once: the overload value in force is no longer certified")
-        if newly or old != (traces, index):
+        if newly or old != (traces, index) or old_row != row:
             self.store.add_audit(self._seq, bucket.name, "overload_target",
                                  {"traces": old[0], "threshold": bucket.threshold_of(old[1])},
                                  {"traces": traces, "threshold": bucket.threshold_of(index)},
                                  {"n": n, "test": test, "epsilon_overload": self.config.epsilon_overload,
-                                  "certified": len(certified)},
+                                  "certified": len(certified),
+                                  "strategy": self._cfg(bucket.name).strategy_rows[row].name},
                                  "certified overload target (fewest tokens among the certified chains)")
 
     def _enter_overload_values(self, bucket: BucketState) -> None:
@@ -1118,7 +1122,7 @@ class Policy:
         like any raise."""
         ramp = bucket.overload
         old = (ramp.traces, ramp.index)
-        ramp.traces = ramp.target_traces
+        ramp.traces, ramp.strategy = ramp.target_traces, ramp.target_strategy
         floor = bucket.normal.index
         ramp.index = max((c for c in ramp.certified if c <= floor), default=min(ramp.certified))
         ramp.last_raise_seq = self._seq

@@ -95,6 +95,8 @@ def _violators(config: PolicyConfig, setting: Setting) -> dict[str, set[int]]:
                       if h[0, c + 1] - g[0, c + 1] >= config.epsilon - 1e-12}}
     for r in range(len(config.trace_options), len(config.strategy_rows)):
         out[f"normal/{r}"] = {c for c in range(h.shape[1]) if h[r, c] - g[r, c] >= config.epsilon - 1e-12}
+    for r in range(len(config.trace_options), len(config.strategy_rows)):
+        out[f"overload/s{r}"] = {c for c in range(h.shape[1]) if h[r, c] - g[r, c] >= config.epsilon_overload - 1e-12}
     for r, k in enumerate(config.trace_options):
         out[f"overload/{k}"] = {c for c in range(h.shape[1]) if h[r, c] - g[r, c] >= config.epsilon_overload - 1e-12}
     return out
