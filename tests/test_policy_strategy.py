@@ -23,6 +23,8 @@ LIVE = [
     Strategy(K, 4, "beta", 0.8, "confidence"),
     Strategy(K, 2, "unbeatable"),
     Strategy(K, 0, "unbeatable"),
+    Strategy(K, 2, "beta", 0.9, warmup=2, keep_percent=70.0),
+    Strategy(K, warmup=3, keep_percent=50.0),
 ]
 
 
@@ -30,7 +32,8 @@ def _settings(strategy: Strategy | None = None, threshold: float | None = None, 
     s = strategy or Strategy(K)
     return EarlyStopSettings(traces=K, max_new_tokens=MAX_NEW, window=WINDOW, wave_size=s.wave_size,
                              consensus=s.consensus, consensus_threshold=s.consensus_threshold,
-                             weighting=s.weighting, threshold=threshold, **extra)
+                             weighting=s.weighting, warmup=s.warmup, keep_percent=s.keep_percent,
+                             threshold=threshold, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,9 @@ def uncut(sampler):  # noqa: F811
     return probs, sampler.run(probs, _settings(record_signals=True))
 
 
-def _profiles(result):
-    return [trace_profile(np.asarray(t.signals["logprob"], np.float16), reason=int(t.reason), answer=t.answer,
+def _profiles(result, dtype=np.float16):
+    """The policy replays float16-rounded signals; the live warm-up percentile reads the loop's float32 ones."""
+    return [trace_profile(np.asarray(t.signals["logprob"], dtype), reason=int(t.reason), answer=t.answer,
                           window=WINDOW, min_new_tokens=WINDOW, mean_logprob=t.mean_logprob)
             for t in sorted(result.traces, key=lambda t: t.trace)]
 
@@ -51,21 +55,23 @@ def test_replayed_strategy_matches_the_live_run(sampler, uncut, strategy):  # no
     probs, base = uncut
     lowests = [p.lowest for r in base.problems for p in _profiles(r) if not math.isnan(p.lowest)]
     threshold = float(np.quantile(lowests, 0.3))  # cuts some traces, not all
-    for cut in (None, threshold):
+    for cut in ((None,) if strategy.warmup else (None, threshold)):  # a warm-up sets its own threshold
         live = sampler.run(probs, _settings(strategy, cut))
         column = 0 if cut is None else 1
         settled = 0
         for p, (result, twin) in enumerate(zip(live.problems, base.problems)):
             assert sorted(t.trace for t in result.traces) == list(range(K))
             grid = np.array([threshold - 1e-9 if cut is None else threshold])
-            out = candidate_outcomes(_profiles(twin), grid, (K, strategy), weighting="majority")
+            profiles = _profiles(twin, np.float32 if strategy.warmup else np.float16)
+            out = candidate_outcomes(profiles, grid, (K, strategy), weighting="majority")
             replayed = out.answers[1, column]
             assert (None if replayed == NO_VOTE else replayed) == result.answer, (p, cut)
-            settled += any(t.reason == StopReason.GROUP_CONSENSUS for t in result.traces)
+            settled += any(t.reason in (StopReason.GROUP_CONSENSUS, StopReason.LOW_CONFIDENCE)
+                           for t in result.traces)
             if strategy.consensus != "unbeatable":
                 assert out.tokens[1, column] == sum(t.num_tokens for t in result.traces), (p, cut)
         if cut is None:
-            assert settled, f"{strategy.name}: no problem settled early: the check proves little"
+            assert settled, f"{strategy.name}: no problem settled or cut early: the check proves little"
 
 
 def test_replay_rules_by_hand():
@@ -121,3 +127,30 @@ def test_a_certified_consensus_strategy_is_put_in_force():
     bucket = policy._buckets[""]
     assert plain.strategy == Strategy(K)
     assert plain.threshold == bucket.threshold_of(max(bucket.normal.plain_certified, default=-1))
+
+
+def test_a_deepconf_warmup_strategy_is_one_candidate_with_its_own_threshold():
+    """A DeepConf warm-up strategy sets its threshold per problem: it is
+    certified as one candidate (no grid threshold), and a plan under it runs
+    no fixed threshold."""
+    cfg = PolicyConfig(epsilon=0.2, epsilon_overload=0.3, traces=K, warmup_requests=2, min_evidence=15,
+                       evidence_window=100, control_boost=0.5, control_fraction=0.3, grid_size=6, evaluate_every=2,
+                       raise_interval=1, cooldown=5, window=WINDOW, min_new_tokens=2,
+                       strategies=((0, None, 1.0, "majority", 2, 10.0),))
+    assert cfg.strategy_rows[-1] == Strategy(K, consensus_threshold=1.0, warmup=2, keep_percent=10.0)
+    assert "DeepConf warm-up 2 keep 10%" in cfg.strategy_rows[-1].name
+    policy = Policy(cfg)
+    rng = np.random.default_rng(1)
+    plans = []
+    for rid in range(150):
+        plan = policy.plan(rid)
+        plans.append(plan)
+        traces = [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
+                               signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
+                  for _ in range(plan.traces)]
+        policy.observe(rid, traces)
+        policy.feedback(rid, True, reference=7)
+    certified = policy._buckets[""].last_eval["strategies_certified"]
+    assert certified[cfg.strategy_rows[-1].name] == 1  # its "no grid threshold" column only
+    under = [p for p in plans if p.kind == "policy" and p.strategy.warmup]
+    assert all(p.threshold is None and p.stop.low_conf_threshold is None for p in under)

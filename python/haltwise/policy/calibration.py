@@ -29,7 +29,7 @@ from ..scheduler import StopReason
 from ..trace_rules import VOTING_REASONS, first_cut_step, first_cut_steps, vote_weight
 from ..tracebank import window_means
 from ..voting import warmup_threshold
-from .strategy import Strategy, replay_columns
+from .strategy import Strategy, deepconf_cut, replay, replay_columns
 
 # Rules checked before LOW_CONFIDENCE: the step they fire at is never evaluated by it.
 ENDS_BEFORE_CONFIDENCE = frozenset({StopReason.EOS, StopReason.STOP_SEQUENCE, StopReason.MAX_TOKENS,
@@ -171,7 +171,13 @@ def candidate_outcomes(profiles: Sequence[TraceProfile], grid: np.ndarray, trace
         k = strategy.traces
         if not 1 <= k <= len(profiles):
             raise ValueError(f"candidate_outcomes: trace_options must be in [1, {len(profiles)}], got {k}")
-        if strategy.consensus is None:
+        if strategy.warmup:  # DeepConf's per-problem threshold: one candidate, the same in every column
+            kept, spent, _ = deepconf_cut(strategy, [p.lowest for p in profiles], [p.length for p in profiles],
+                                          lambda t: [p.cut_length(t) for p in profiles])
+            answer, used = replay(strategy, [int(v) if keep and v != NO_VOTE else None for v, keep in zip(votes, kept)],
+                                  all_weights, spent)
+            answers[row], tokens[row] = NO_VOTE if answer is None else answer, used
+        elif strategy.consensus is None:
             tokens[row] = lengths[:k].sum(axis=0)
             weights = all_weights[:k] if strategy.weighting == "confidence" else None
             answers[row] = vote_matrix(votes[:k], weights, ~cut[:k].T)

@@ -110,18 +110,19 @@ class PolicyConfig:
                             f"consensus_threshold, weighting), got {type(self.strategies).__name__}")
         rows = []
         for i, item in enumerate(self.strategies):
-            if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 4:
+            if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) not in (4, 6):
                 raise ValueError(f"{_WHERE}: strategies[{i}] must be (wave_size, consensus, consensus_threshold, "
-                                 f"weighting), got {item!r}")
-            wave, rule, threshold, weighting = item
-            if rule is None:
-                raise ValueError(f"{_WHERE}: strategies[{i}] needs a consensus rule (the plain strategy is always "
-                                 f"there), got None")
+                                 f"weighting[, warmup, keep_percent]), got {item!r}")
+            wave, rule, threshold, weighting, warmup, keep = (*item, 0, 90.0)[:6]
+            if rule is None and not warmup:
+                raise ValueError(f"{_WHERE}: strategies[{i}] needs a consensus rule or a DeepConf warm-up (the plain "
+                                 f"strategy is always there), got neither")
             try:
-                Strategy(self.traces, wave, rule, float(threshold), weighting)
+                Strategy(self.traces, wave, rule, float(threshold), weighting, warmup, float(keep))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{_WHERE}: strategies[{i}]: {err}") from None
-            rows.append((int(wave), str(rule), float(threshold), str(weighting)))
+            row = (int(wave), None if rule is None else str(rule), float(threshold), str(weighting))
+            rows.append(row + ((int(warmup), float(keep)) if warmup else ()))
         set_("strategies", tuple(rows))
         if isinstance(self.classes, (str, bytes)) or not hasattr(self.classes, "__iter__"):
             raise TypeError(f"{_WHERE}: classes must be a sequence of (name, epsilon, traces), "
@@ -241,8 +242,7 @@ class PolicyConfig:
         consensus (row 0), the overload trace options, then the consensus
         strategies with K traces."""
         plain = tuple(Strategy(k, weighting=self.weighting) for k in self.trace_options)
-        return plain + tuple(Strategy(self.traces, wave, rule, threshold, weighting)
-                             for wave, rule, threshold, weighting in self.strategies)
+        return plain + tuple(Strategy(self.traces, *row) for row in self.strategies)
 
     @property
     def trace_options(self) -> tuple[int, ...]:
@@ -295,8 +295,9 @@ KNOBS: list[tuple[str, str]] = [
     ("window", "Sliding window W of the group confidence."),
     ("min_new_tokens", "No cut before this many tokens (default: window)."),
     ("weighting", "Vote weighting: 'majority' or 'confidence' (exp mean logprob)."),
-    ("strategies", "Consensus strategies certified beside the plain one (K traces at once): (wave_size, consensus "
-                   "'unbeatable' / 'beta' / 'run', its threshold, weighting); () certifies thresholds only."),
+    ("strategies", "Strategies certified beside the plain one (K traces at once): (wave_size, consensus "
+                   "'unbeatable' / 'beta' / 'run' / None, its threshold, weighting[, DeepConf warm-up traces, "
+                   "keep_percent]); () certifies thresholds only."),
     ("classes", "Request classes (name, epsilon, traces), each certified on its own with its own budget "
                 "(plan(request_class=...)); epsilon 0 never cuts; None: the config's value."),
     ("warmup_requests", "First requests of a new bucket that run uncut and calibrate it."),

@@ -61,6 +61,9 @@ def choose(sets: Mapping[str, Sequence[int]], *, gain: Callable[[int, int], floa
     guard: the user-report guard's finding, if it fired: then only the
         candidates of the row in force below the value in force remain."""
     rows = normal_rows(sets)
+    for r in rows:  # a DeepConf warm-up strategy sets its own threshold per problem: only its column 0 is real
+        if getattr(strategy_rows[r], "warmup", 0):
+            rows[r] = [c for c in rows[r] if c == -1]
     row_now, index_now = in_force
     if guard is not None:
         rows = {0: [c for c in rows.get(0, []) if row_now == 0 and c < index_now]}
@@ -80,6 +83,8 @@ def choose(sets: Mapping[str, Sequence[int]], *, gain: Callable[[int, int], floa
     choices = []
     for r, strategy in enumerate(strategy_rows):
         cols = sets[f"overload/{trace_options[r]}" if r < len(trace_options) else f"overload/s{r}"]
+        if strategy.warmup:
+            cols = [c for c in cols if c == 0]
         if cols:
             c = max(cols, key=lambda c: (gain(r, c), c))
             choices.append(OverloadChoice(row=r, traces=strategy.traces, index=int(c) - 1,

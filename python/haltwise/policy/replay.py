@@ -46,6 +46,7 @@ from ..voting import weighted_vote
 from .calibration import TraceProfile, trace_profile, vote_matrix
 from .config import PolicyConfig
 from .policy import Policy, TraceOutcome
+from .strategy import deepconf_cut
 from .strategy import run as run_strategy
 
 DEFAULT_BANK = BUNDLED_BANK
@@ -187,6 +188,14 @@ def run_plan(plan, traces: BankTraces, problem: int, subset: np.ndarray) -> tupl
         else:
             outcomes.append(TraceOutcome(answer=answer, num_tokens=n, reason=reason, mean_logprob=mlp))
             tokens += n
+    if plan.kind == "policy" and plan.strategy.warmup:  # DeepConf's per-problem threshold (strategy.deepconf_cut)
+        profs = [traces.profiles[p][k] for k in subset[: plan.traces]]
+        kept, spent, _ = deepconf_cut(plan.strategy, [q.lowest for q in profs], [q.length for q in profs],
+                                      lambda t: [q.cut_length(t) for q in profs])
+        outcomes = [t if keep else TraceOutcome(answer=None, num_tokens=n, reason=int(StopReason.LOW_CONFIDENCE),
+                                                mean_logprob=t.mean_logprob)
+                    for t, keep, n in zip(outcomes, kept, spent)]
+        tokens = sum(spent)
     if plan.kind == "policy" and plan.strategy.consensus is not None:
         # waves and consensus (strategy.run): the traces after the vote settled end with GROUP_CONSENSUS
         votes = [t.answer if StopReason(t.reason) in VOTING_REASONS else None for t in outcomes]

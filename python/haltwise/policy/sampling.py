@@ -53,7 +53,8 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
         s = chosen.strategy
         return ProblemPlan(dataclasses.replace(settings, traces=chosen.traces, wave_size=s.wave_size,
                                                consensus=s.consensus, consensus_threshold=s.consensus_threshold,
-                                               weighting=s.weighting, threshold=chosen.stop.low_conf_threshold),
+                                               weighting=s.weighting, warmup=s.warmup, keep_percent=s.keep_percent,
+                                               threshold=chosen.stop.low_conf_threshold),
                            stop=chosen.stop)
 
     def done(p: int, result: ProblemResult) -> None:

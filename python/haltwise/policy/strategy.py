@@ -20,12 +20,13 @@ drivers run it (decoding/waves.py):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from ..voting import vote_settled, weighted_vote
+from ..voting import vote_settled, warmup_threshold, weighted_vote
 
 CONSENSUS_RULES = (None, "unbeatable", "beta", "run")
 WEIGHTINGS = ("majority", "confidence")
@@ -35,13 +36,18 @@ WEIGHTINGS = ("majority", "confidence")
 class Strategy:
     """traces: K'; wave_size: traces per wave (0: all at once); consensus:
     None, "unbeatable", "beta" or "run" with its consensus_threshold;
-    weighting: "majority" or "confidence"."""
+    weighting: "majority" or "confidence"; warmup, keep_percent: DeepConf's
+    per-problem threshold (the first `warmup` traces run uncut, alone; the
+    others are cut at the (100 - keep_percent)-th percentile of their lowest
+    window means; 0: the policy's grid threshold instead)."""
 
     traces: int
     wave_size: int = 0
     consensus: str | None = None
     consensus_threshold: float = 0.95
     weighting: str = "majority"
+    warmup: int = 0
+    keep_percent: float = 90.0
 
     def __post_init__(self):
         if isinstance(self.traces, bool) or not isinstance(self.traces, int) or self.traces < 1:
@@ -55,6 +61,10 @@ class Strategy:
                              f"wave_size > 0, got {self.wave_size}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Strategy: weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup < self.traces:
+            raise ValueError(f"Strategy: warmup must be an int in [0, traces={self.traces}), got {self.warmup!r}")
+        if not 0.0 < self.keep_percent <= 100.0:
+            raise ValueError(f"Strategy: keep_percent must be in (0, 100], got {self.keep_percent!r}")
 
     @property
     def name(self) -> str:
@@ -67,10 +77,34 @@ class Strategy:
             parts.append(f"{self.consensus} {self.consensus_threshold:g}")
         if self.weighting != "majority":
             parts.append(self.weighting)
+        if self.warmup:
+            parts.append(f"DeepConf warm-up {self.warmup} keep {self.keep_percent:g}%")
         return ", ".join(parts)
 
-    def to_list(self) -> list:
-        return [self.traces, self.wave_size, self.consensus, self.consensus_threshold, self.weighting]
+    def waves(self) -> list[range]:
+        """The traces in the order they start: the warm-up alone, then waves."""
+        K, w = self.traces, self.warmup
+        out = [range(0, w)] if w else []
+        step = self.wave_size or (K - w)
+        out += [range(start, min(start + step, K)) for start in range(w, K, step)]
+        return out
+
+
+def deepconf_cut(strategy: Strategy, lowests: Sequence[float], lengths: Sequence[int],
+                 cut_lengths: Callable[[float], Sequence[int | None]]) -> tuple[list[bool], list[int], float | None]:
+    """A warm-up strategy's per-problem cut of one request's traces: the
+    threshold from the warm-up traces' lowest window means; `cut_lengths(t)`
+    gives each trace's cut step under threshold t (None: not cut). Returns
+    (kept per trace, tokens per trace, the threshold or None)."""
+    K, w = strategy.traces, strategy.warmup
+    usable = [v for v in lowests[:w] if not math.isnan(v)]
+    if not usable:
+        return [True] * K, [int(n) for n in lengths[:K]], None
+    threshold = warmup_threshold(usable, strategy.keep_percent)
+    steps = cut_lengths(threshold)
+    kept = [k < w or steps[k] is None for k in range(K)]
+    tokens = [int(lengths[k]) if kept[k] else int(steps[k]) for k in range(K)]
+    return kept, tokens, threshold
 
 
 def run(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[float] | np.ndarray,
@@ -86,23 +120,24 @@ def run(strategy: Strategy, answers: Sequence[int | None], weights: Sequence[flo
     rule = strategy.consensus
     if rule is None:
         return weighted_vote(answers, weights), lengths, [True] * K
-    wave = strategy.wave_size or K
-    starts = range(0, K, wave)
     if rule != "unbeatable":
-        for start in starts:
-            end = min(start + wave, K)
+        for members in strategy.waves():
+            end = members.stop
             if end < K and vote_settled(answers[:end], rule=rule, threshold=strategy.consensus_threshold,
                                         remaining=K - end):
                 return (weighted_vote(answers[:end], weights[:end]), lengths[:end] + [0] * (K - end),
                         [True] * end + [False] * (K - end))
         return weighted_vote(answers, weights), lengths, [True] * K
-    # unbeatable: after every trace, in the order they end (wave by wave, shortest first, ties by index)
+    # unbeatable: after every trace, in the order they end (wave by wave, shortest first, ties by index); a
+    # warm-up is checked only once it is complete
     ended: list[int] = []
-    for start in starts:
-        members = range(start, min(start + wave, K))
+    for members in strategy.waves():
+        warmup = strategy.warmup and members.start == 0
         for k in sorted(members, key=lambda i: (lengths[i], i)):
             ended.append(k)
             order = sorted(ended)
+            if warmup and len(ended) < members.stop:
+                continue
             if len(ended) < K and vote_settled([answers[i] for i in order], rule="unbeatable", threshold=0.0,
                                                remaining=K - len(ended), weights=[weights[i] for i in order]):
                 at = lengths[k]  # the settling moment within the wave: siblings in flight stop there
