@@ -154,3 +154,27 @@ def test_a_deepconf_warmup_strategy_is_one_candidate_with_its_own_threshold():
     assert certified[cfg.strategy_rows[-1].name] == 1  # its "no grid threshold" column only
     under = [p for p in plans if p.kind == "policy" and p.strategy.warmup]
     assert all(p.threshold is None and p.stop.low_conf_threshold is None for p in under)
+
+
+def test_fewer_traces_can_be_certified_for_normal_operation():
+    """fewer_traces="always": a fewer-trace option is a normal-mode strategy
+    of its own (one more test path); when it is certified and saves most,
+    plans run that many traces."""
+    kwargs = dict(epsilon=0.2, epsilon_overload=0.3, traces=K, overload_traces=(2,), warmup_requests=2,
+                  min_evidence=15, evidence_window=100, control_boost=0.5, control_fraction=0.3, grid_size=6,
+                  evaluate_every=2, raise_interval=1, cooldown=5, window=WINDOW, min_new_tokens=2, strategies=())
+    assert PolicyConfig(**kwargs).normal_rows == ()
+    cfg = PolicyConfig(**kwargs, fewer_traces="always")
+    assert cfg.normal_rows == (1,)
+    policy = Policy(cfg)
+    rng = np.random.default_rng(2)
+    plans = []
+    for rid in range(150):
+        plan = policy.plan(rid)
+        plans.append(plan)
+        policy.observe(rid, [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
+                                          signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
+                             for _ in range(plan.traces)])
+        policy.feedback(rid, True, reference=7)
+    last = [p for p in plans[-20:] if p.kind == "policy"]
+    assert last and all(p.traces == 2 and p.strategy == Strategy(2) for p in last)

@@ -174,20 +174,22 @@ def policy_families(config, harms, helps, n: int, test: str) -> dict[str, Family
     options, then the consensus strategies) and candidate (column 0: no cut,
     column j + 1: grid index j).
 
-    Normal mode, at epsilon, weighted Bonferroni over the paths (equal
-    shares): "normal" (row 0's grid, ``chain_starts`` chains; its "no cut"
-    is the uncut run itself) and "normal/<r>" per consensus strategy (its
-    columns from "no cut" up, one chain). Overload, at epsilon_overload:
+    Normal mode, at epsilon, Bonferroni over the paths (equal shares):
+    "normal" (row 0's grid, ``chain_starts`` chains; its "no cut" is the
+    uncut run itself) and "normal/<r>" per row of config.normal_rows --
+    the fewer-trace options when ``fewer_traces="always"``, then each
+    consensus strategy (its columns from "no cut" up, one chain). Overload, at epsilon_overload:
     "overload/<K'>" every column of trace option K' and "overload/s<r>"
     every column of consensus strategy r, weighted Bonferroni (a
     fewer-traces family weighs 2, the all-traces and consensus families 1;
     those but the all-traces one are single chains from "no cut")."""
     options = config.trace_options
     consensus_rows = range(len(options), len(config.strategy_rows))
-    share = 1.0 / (1 + len(consensus_rows))
+    normal_rows = config.normal_rows
+    share = 1.0 / (1 + len(normal_rows))
     families = {"normal": chain_family(harms[0][1:], helps[0][1:], n, epsilon=config.epsilon, test=test,
                                        starts=config.chain_starts, share=share)}
-    for r in consensus_rows:
+    for r in normal_rows:  # fewer traces (with fewer_traces="always"), then the consensus strategies
         families[f"normal/{r}"] = chain_family(harms[r], helps[r], n, epsilon=config.epsilon, test=test, starts=1,
                                                share=share)
     weights = [1.0 if k == config.traces else 2.0 for k in options] + [1.0] * len(consensus_rows)

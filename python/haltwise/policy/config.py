@@ -30,6 +30,7 @@ class PolicyConfig:
     # what a request runs
     traces: int = 16
     overload_traces: tuple[int, ...] = ()
+    fewer_traces: str = "overload"
     signal: str = "logprob"
     window: int = 16
     min_new_tokens: Optional[int] = None
@@ -100,6 +101,7 @@ class PolicyConfig:
         default = {max(1, self.traces * 3 // 4), max(1, self.traces // 2), max(1, self.traces // 4)} - {self.traces}
         set_("overload_traces", tuple(sorted(set(options) - {self.traces}, reverse=True))
              if options else tuple(sorted(default, reverse=True)))
+        _choice("fewer_traces", self.fewer_traces, ("overload", "always"))
         _choice("signal", self.signal, CONF_SIGNALS)
         set_("window", check_int(_WHERE, "window", self.window, 1))
         set_("min_new_tokens", self.window if self.min_new_tokens is None
@@ -163,9 +165,10 @@ class PolicyConfig:
         if self.retest_ratio <= 1.0:
             raise ValueError(f"{_WHERE}: retest_ratio must be > 1, got {self.retest_ratio}")
         if self.min_evidence is None:  # the least n with which a chain's test can certify anything at checkpoint 1
-            # (a consensus strategy's single chain when there are any, else one of row 0's chains)
-            share = 1.0 / (1 + len(self.strategies))
-            chains = 1 if self.strategies else self.chain_starts
+            # (the single chain of another strategy row when there are any, else one of row 0's chains)
+            paths = 1 + (len(self.overload_traces) if self.fewer_traces == "always" else 0) + len(self.strategies)
+            share = 1.0 / paths
+            chains = 1 if paths > 1 else self.chain_starts
             set_("min_evidence", min_evidence(self.epsilon, self.first_level * share / chains, "mcnemar"))
         set_("min_evidence", check_int(_WHERE, "min_evidence", self.min_evidence, 1))
         floor = min_evidence(self.epsilon, self.delta, "binomial")
@@ -245,6 +248,12 @@ class PolicyConfig:
         return plain + tuple(Strategy(self.traces, *row) for row in self.strategies)
 
     @property
+    def normal_rows(self) -> tuple[int, ...]:
+        """Strategy rows certified for normal operation besides row 0 (each a Bonferroni path)."""
+        fewer = range(1, len(self.trace_options)) if self.fewer_traces == "always" else range(0)
+        return tuple(fewer) + tuple(range(len(self.trace_options), len(self.strategy_rows)))
+
+    @property
     def trace_options(self) -> tuple[int, ...]:
         """K' values a control request is replayed with: traces first, then the overload options."""
         return (self.traces,) + self.overload_traces
@@ -290,7 +299,9 @@ KNOBS: list[tuple[str, str]] = [
     ("unlabeled", "'skip': control requests without a label stay out of the test (labels missing at random); "
                   "'worst_case': they count as harmed wherever the answer changed (valid for any label selection)."),
     ("traces", "Traces sampled per request (K) in normal operation."),
-    ("overload_traces", "Fewer-trace options tried under overload (default 3K/4, K/2, K/4; (traces,) turns it off)."),
+    ("overload_traces", "Fewer-trace options (default 3K/4, K/2, K/4; (traces,) turns them off)."),
+    ("fewer_traces", "'overload': the fewer-trace options are certified for overload only; 'always': in normal "
+                     "operation too (one more test path each: more labels before the first certificate)."),
     ("signal", "Oriented per-token signal of LOW_CONFIDENCE (logprob, neg_entropy, topk_conf, confidence, margin)."),
     ("window", "Sliding window W of the group confidence."),
     ("min_new_tokens", "No cut before this many tokens (default: window)."),

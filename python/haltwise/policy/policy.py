@@ -504,6 +504,8 @@ class Policy:
             record_signals=kind in ("warmup", "control") or base.record_signals)
         epsilon = cfg.epsilon_overload if kind == "policy" and overload_values else cfg.epsilon
         strategy = cfg.strategy_rows[row]
+        if kind == "policy":
+            traces = strategy.traces
         sliced = "cut" if kind == "policy" and (threshold is not None or row != 0) else "uncut"
         for bucket in warm:
             bucket.warmup_planned.append(request_id)

@@ -56,16 +56,16 @@ def settings(config: PolicyConfig, grid: int = 10) -> list[Setting]:
     """The boundary settings for `config` (its trace options and budgets)."""
     eps, eps_o = config.epsilon, config.epsilon_overload
     R, C = len(config.strategy_rows), grid + 1
-    consensus_rows = range(len(config.trace_options), R)
+    other_rows = config.normal_rows  # rows tested in normal mode besides row 0
     zeros = [[0.0] * C for _ in range(R)]
 
     def normal(harm: Sequence[float], helps: Sequence[float]) -> tuple[tuple, tuple]:
-        """Row 0's grid and every consensus strategy's columns (its "no cut" like the first grid value)."""
+        """Row 0's grid and every other row's columns (its "no cut" like the first grid value)."""
         h = [list(r) for r in zeros]
         g = [list(r) for r in zeros]
         h[0][1:] = list(harm)
         g[0][1:] = list(helps)
-        for r in consensus_rows:
+        for r in other_rows:
             h[r] = [harm[0]] + list(harm)
             g[r] = [helps[0]] + list(helps)
         return tuple(map(tuple, h)), tuple(map(tuple, g))
@@ -93,7 +93,7 @@ def _violators(config: PolicyConfig, setting: Setting) -> dict[str, set[int]]:
     h, g = np.asarray(setting.harm), np.asarray(setting.help)
     out = {"normal": {c for c in range(h.shape[1] - 1)
                       if h[0, c + 1] - g[0, c + 1] >= config.epsilon - 1e-12}}
-    for r in range(len(config.trace_options), len(config.strategy_rows)):
+    for r in config.normal_rows:
         out[f"normal/{r}"] = {c for c in range(h.shape[1]) if h[r, c] - g[r, c] >= config.epsilon - 1e-12}
     for r in range(len(config.trace_options), len(config.strategy_rows)):
         out[f"overload/s{r}"] = {c for c in range(h.shape[1]) if h[r, c] - g[r, c] >= config.epsilon_overload - 1e-12}
