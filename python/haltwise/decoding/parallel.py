@@ -170,6 +170,30 @@ class ProblemResult:
         self.answer = weighted_vote([t.answer for t in voters], weights)
         return self.answer
 
+    def end_trace(self, waves: TraceWaves, settings: EarlyStopSettings, trace: TraceResult) -> bool:
+        """Tells `waves` that `trace` (already in self.traces) has ended, with
+        the votes so far. True when that settles the vote: the traces never
+        started are then recorded (TraceResult.dropped) and the caller ends
+        those in flight (GROUP_CONSENSUS)."""
+        ended = sorted(self.traces, key=lambda t: t.trace)
+        voters = [t if t.votes else None for t in ended]
+        lows = [t.lowest_conf if settings.vote == "deepconf" else t.min_window_mean
+                for t in ended if t.trace < settings.warmup]
+        settled = waves.end(trace.trace, [t.answer if t else None for t in voters],
+                            [t.weight if (t and settings.weighting == "confidence") else 1.0 for t in voters], lows)
+        if settled:
+            self.traces.extend(TraceResult.dropped(trace.problem, j, self.reference) for j in waves.dropped)
+        self.threshold = waves.threshold
+        return settled
+
+    def count_votes(self, settings: EarlyStopSettings) -> int | None:
+        """The vote once every trace has ended: vote="deepconf" first keeps
+        the traces whose lowest group confidence reaches the threshold."""
+        if settings.vote == "deepconf" and self.threshold is not None:
+            for t in self.traces:
+                t.eligible = not t.lowest_conf < self.threshold  # NaN (no token) stays eligible
+        return self.vote("deepconf" if settings.vote == "deepconf" else settings.weighting)
+
 
 @dataclass
 class RunResult:
@@ -274,14 +298,9 @@ class ParallelSampler:
 
         def finish_problem(p: int) -> None:
             nonlocal next_problem
-            s = plans[p].settings
-            problem = results[p]
-            if s.vote == "deepconf" and problem.threshold is not None:
-                for t in problem.traces:
-                    t.eligible = not t.lowest_conf < problem.threshold  # NaN (no token) stays eligible
-            problem.vote("deepconf" if s.vote == "deepconf" else s.weighting)
+            results[p].count_votes(plans[p].settings)
             if done is not None:
-                done(p, problem)
+                done(p, results[p])
             if next_problem < len(problems):
                 next_problem += 1
                 begin(next_problem - 1)
@@ -297,16 +316,8 @@ class ParallelSampler:
             results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
-            w = waves[p]
-            ended = sorted(results[p].traces, key=lambda t: t.trace)
-            voters = [t if t.votes else None for t in ended]
-            lows = [t.lowest_conf if s.vote == "deepconf" else t.min_window_mean
-                    for t in ended if t.trace < s.warmup]
-            if w.end(k, [t.answer if t else None for t in voters],
-                     [t.weight if (t and s.weighting == "confidence") else 1.0 for t in voters], lows):
+            if results[p].end_trace(waves[p], s, trace):
                 scheduler.settle_group(p)  # in-flight siblings end at their next row (GROUP_CONSENSUS)
-                results[p].traces.extend(TraceResult.dropped(p, j, results[p].reference) for j in w.dropped)
-            results[p].threshold = w.threshold
             submit(p)
             if len(results[p].traces) == s.traces:
                 finish_problem(p)

@@ -109,22 +109,39 @@ class HaltwiseLogitsProcessor(LogitsProcessor):
 ROUNDING_MARGIN = 1e-4
 
 
+class _Trace:
+    """A trace in flight: its problem, index, and what vLLM has returned so far."""
+
+    def __init__(self, problem: int, trace: int):
+        self.problem, self.trace = problem, trace
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []  # of the sampled tokens (NaN where vLLM returned none)
+
+    def extend(self, token_ids, logprobs) -> None:
+        self.token_ids.extend(token_ids)
+        if logprobs is None or len(logprobs) != len(token_ids):
+            self.logprobs.extend([float("nan")] * len(token_ids))
+        else:
+            self.logprobs.extend(lp[t].logprob for t, lp in zip(token_ids, logprobs))
+
+
 class VLLMParallelSampler:
     """K traces per problem on a vLLM engine, under the same :class:`EarlyStopSettings`
     (warm-up thresholds, waves, consensus rules, votes) as haltwise's own
-    :class:`~haltwise.decoding.parallel.ParallelSampler`, sharing its code: the
-    DeepConf threshold (``voting.warmup_threshold``), the settle rules
-    (``voting.vote_settled``), the vote (``ProblemResult.vote``) and the window means
+    :class:`~haltwise.decoding.parallel.ParallelSampler`, sharing its code: which
+    traces start when and when the vote settles (one
+    :class:`~haltwise.decoding.waves.TraceWaves` per problem), the end of a trace
+    and the vote (``ProblemResult.end_trace`` / ``count_votes``) and the window means
     (``tracebank``). Needs an ``LLM`` whose engine loaded HaltwiseLogitsProcessor.
 
     * Warm-up traces run uncut and return the sampled tokens' logprobs, from which the
       problem's threshold is set; later traces get it through ``extra_args``.
     * Waves: after the warm-up a problem's traces are added ``wave_size`` at a time
       (0: all at once), the next wave once the previous one has ended.
-    * Consensus: once a problem's vote is settled ("unbeatable": the leader cannot be
-      overturned by the traces not yet ended; "beta" / "run" as in voting.py) its
-      in-flight traces are ended through vLLM's own ``abort_request`` (reason
-      GROUP_CONSENSUS, their tokens so far counted) and the rest never start.
+    * Consensus: once a problem's vote is settled ("unbeatable" checked after every
+      trace, "beta" / "run" at wave boundaries) its in-flight traces are ended through
+      vLLM's own ``abort_request`` (reason GROUP_CONSENSUS, their tokens so far
+      counted) and the rest never start (GROUP_CONSENSUS, 0 tokens).
     * A trace whose end token the processor forced is told apart from one that ended on
       its own by replaying the rule on its returned logprobs (``tracebank.cut_length``:
       the rule fired on a token before the last one): it gets reason LOW_CONFIDENCE and
@@ -145,9 +162,9 @@ class VLLMParallelSampler:
 
         from ..decoding.loop import LoopStats
         from ..decoding.parallel import VOTING_REASONS, ProblemResult, RunResult, TraceResult
+        from ..decoding.waves import TraceWaves
         from ..scheduler import StopReason
         from ..tracebank import cut_length, lowest_window_mean
-        from ..voting import vote_settled, warmup_threshold
 
         # The client replays the cut rule on vLLM's logprobs: only the logprob
         # signal with the natural vote can be replayed exactly here.
@@ -163,53 +180,35 @@ class VLLMParallelSampler:
         tag = f"hw{self._run_id}"
         results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
         prompts = [{"prompt_token_ids": list(self.task.prompt_ids(p))} for p in problems]
-        queued: list[list[int]] = [[] for _ in problems]  # traces not yet added, in order
-        in_flight: list[dict[str, int]] = [{} for _ in problems]  # request id -> trace
-        tokens_so_far: dict[str, int] = {}
-        settled = [False] * len(problems)
-        warmup = settings.warmup
-        thresholds: list[float | None] = [None] * len(problems)
+        waves = [TraceWaves(settings) for _ in problems]
+        live: dict[str, _Trace] = {}  # request id -> trace in flight
         stats = LoopStats()
 
         def threshold_of(p: int, k: int) -> float | None:
-            """The threshold a trace runs under: none in the warm-up, else the problem's minus the margin."""
-            base = thresholds[p]
-            return base - ROUNDING_MARGIN if k >= warmup and base is not None else None
+            """The threshold the processor cuts trace k at: the problem's minus the margin (None: uncut)."""
+            base = waves[p].threshold_of(k)
+            return None if base is None else base - ROUNDING_MARGIN
 
-        def add(p: int, k: int) -> None:
-            threshold = threshold_of(p, k)
-            extra = None
-            if threshold is not None:
-                extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
-                                          "window": settings.window, "min_new_tokens": settings.window,
-                                          "top_k_conf": self.top_k_conf}}
-            params = SamplingParams(temperature=self.temperature, seed=self.seed * 1_000_003 + p * K + k,
-                                    max_tokens=settings.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
-                                    logprobs=0, extra_args=extra, detokenize=False,
-                                    output_kind=RequestOutputKind.CUMULATIVE)
-            rid = f"{tag}-{p}-{k}"
-            engine.add_request(rid, prompts[p], params)
-            in_flight[p][rid] = k
+        def submit(p: int) -> None:
+            for k in waves[p].start():
+                threshold = threshold_of(p, k)
+                extra = None
+                if threshold is not None:
+                    extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
+                                              "window": settings.window, "min_new_tokens": settings.window,
+                                              "top_k_conf": self.top_k_conf}}
+                params = SamplingParams(temperature=self.temperature, seed=self.seed * 1_000_003 + p * K + k,
+                                        max_tokens=settings.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
+                                        logprobs=0, extra_args=extra, detokenize=False,
+                                        output_kind=RequestOutputKind.DELTA)
+                rid = f"{tag}-{p}-{k}"
+                engine.add_request(rid, prompts[p], params)
+                live[rid] = _Trace(p, k)
 
-        def admit(p: int) -> None:
-            """Add the problem's next traces: waves of wave_size (0: all), the
-            warm-up traces first and alone, the next wave once the last has ended."""
-            if settled[p] or not queued[p] or (settings.wave_size and in_flight[p]):
-                return
-            n = settings.wave_size or len(queued[p])
-            started = len(results[p].traces) + len(in_flight[p])
-            if started < warmup:
-                n = min(n, warmup - started)
-            elif thresholds[p] is None and warmup and len(results[p].traces) < warmup:
-                return  # the warm-up has not ended: no threshold yet
-            for k in queued[p][:n]:
-                add(p, k)
-            del queued[p][:n]
-
-        def finish(p: int, k: int, token_ids, logprobs, reason: StopReason) -> None:
-            values = np.array([lp[t].logprob for t, lp in zip(token_ids, logprobs or [])], dtype=np.float64)
-            if settings.signal != "logprob" or len(values) != len(token_ids):
-                values = np.full(len(token_ids), math.nan)
+        def end(rid: str, reason: StopReason) -> None:
+            t = live.pop(rid)
+            p, k = t.problem, t.trace
+            values = np.array(t.logprobs, dtype=np.float64)
             threshold = threshold_of(p, k)
             # the rule fired on some token before the last: the processor forced the end token
             # (at the next step, or one later when async scheduling delays the token's value)
@@ -217,68 +216,46 @@ class VLLMParallelSampler:
                     and cut_length(values[:-1], threshold, window=settings.window, min_new_tokens=settings.window,
                                    last_evaluated=True) is not None):
                 reason = StopReason.LOW_CONFIDENCE
-            answer = self.task.answer_of(token_ids) if reason in VOTING_REASONS else None
-            lwm = lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window)
-            results[p].traces.append(TraceResult(
-                problem=p, trace=k, reason=reason, num_tokens=len(token_ids), answer=answer,
-                correct=answer is not None and answer == results[p].reference, min_window_mean=lwm,
-                mean_logprob=float(values.mean()) if len(values) else math.nan))
+            answer = self.task.answer_of(t.token_ids) if reason in VOTING_REASONS else None
+            trace = TraceResult(
+                problem=p, trace=k, reason=reason, num_tokens=len(t.token_ids), answer=answer,
+                correct=answer is not None and answer == results[p].reference,
+                min_window_mean=lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window),
+                mean_logprob=float(values.mean()) if len(values) else math.nan)
+            results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
-
-        def after_finish(p: int) -> None:
-            done = len(results[p].traces)
-            if warmup and done == warmup and thresholds[p] is None and not settled[p]:
-                lows = [t.min_window_mean for t in results[p].traces if not math.isnan(t.min_window_mean)]
-                thresholds[p] = results[p].threshold = warmup_threshold(lows, settings.keep_percent) if lows else None
-            remaining = K - done
-            if settings.consensus is not None and remaining and not settled[p]:
-                answers = [t.answer for t in sorted(results[p].traces, key=lambda t: t.trace) if t.votes]
-                if vote_settled(answers, rule=settings.consensus, threshold=settings.consensus_threshold,
-                                remaining=remaining):
-                    settled[p] = True
-                    ids = list(in_flight[p])
-                    if ids:
-                        engine.abort_request(ids)
-                    for rid in ids:
-                        k = in_flight[p].pop(rid)
-                        results[p].traces.append(TraceResult(
-                            problem=p, trace=k, reason=StopReason.GROUP_CONSENSUS,
-                            num_tokens=tokens_so_far.pop(rid, 0), answer=None, correct=False,
-                            min_window_mean=math.nan, mean_logprob=math.nan))
-                    for k in queued[p]:
-                        results[p].traces.append(TraceResult(
-                            problem=p, trace=k, reason=StopReason.GROUP_CONSENSUS, num_tokens=0, answer=None,
-                            correct=False, min_window_mean=math.nan, mean_logprob=math.nan))
-                    queued[p].clear()
-            admit(p)
+            if results[p].end_trace(waves[p], settings, trace):
+                siblings = [r for r, s in live.items() if s.problem == p]
+                if siblings:
+                    engine.abort_request(siblings)
+                for r in siblings:
+                    s = live.pop(r)
+                    results[p].traces.append(TraceResult(
+                        problem=p, trace=s.trace, reason=StopReason.GROUP_CONSENSUS, num_tokens=len(s.token_ids),
+                        answer=None, correct=False, min_window_mean=math.nan, mean_logprob=math.nan))
+            submit(p)
 
         t0 = time.perf_counter()
         for p in range(len(problems)):
-            queued[p] = list(range(K))
-            admit(p)
+            submit(p)
         while engine.has_unfinished_requests():
             outputs = engine.step()
             stats.steps += 1
             for out in outputs:
-                p, k = (int(v) for v in out.request_id.rsplit("-", 2)[1:])
-                if out.request_id not in in_flight[p]:
+                t = live.get(out.request_id)
+                if t is None:
                     continue  # aborted: already recorded
                 comp = out.outputs[0]
-                tokens_so_far[out.request_id] = len(comp.token_ids)
-                if not out.finished:
-                    continue
-                del in_flight[p][out.request_id]
-                tokens_so_far.pop(out.request_id, None)
-                reason = StopReason.MAX_TOKENS if comp.finish_reason == "length" else StopReason.EOS
-                finish(p, k, list(comp.token_ids), comp.logprobs, reason)
-                after_finish(p)
+                t.extend(comp.token_ids, comp.logprobs)
+                if out.finished:
+                    end(out.request_id, StopReason.MAX_TOKENS if comp.finish_reason == "length" else StopReason.EOS)
         stats.wall_s = time.perf_counter() - t0
         missing = [p for p, r in enumerate(results) if len(r.traces) != K]
         if missing:
             raise RuntimeError(f"VLLMParallelSampler: problems {missing[:5]} did not end all {K} traces")
         for problem in results:
-            problem.vote(settings.weighting)
+            problem.count_votes(settings)
         run = RunResult(settings=settings, problems=results, loop=stats)
         stats.tokens = run.tokens
         return run
