@@ -269,36 +269,37 @@ class ParallelSampler:
                            backend=self.backend))
         loop = DecodeLoop(self.runner_factory(self.capacity), scheduler, stepper)
         results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
-        waves: list[TraceWaves | None] = [None] * len(problems)
-        plans: list[ProblemPlan | None] = [None] * len(problems)
+        # by problem, from when it begins
+        waves: dict[int, TraceWaves] = {}
+        settings_of: dict[int, EarlyStopSettings] = {}
+        stops: dict[int, StopConfig] = {}
         limit = len(problems) if max_problems is None else max_problems
         if limit < 1:
             raise ValueError(f"ParallelSampler.run: max_problems must be >= 1 or None, got {max_problems}")
         next_problem = 0
 
         def submit(p: int) -> None:
-            s, stop = plans[p].settings, plans[p].stop
             prompt = self.task.prompt_ids(problems[p])
             for k in waves[p].start():
-                trace_stop = dataclasses.replace(stop, low_conf_threshold=waves[p].threshold_of(k))
-                loop.submit(p * K + k, prompt, max_new_tokens=s.max_new_tokens, group=p, stop=trace_stop)
+                trace_stop = dataclasses.replace(stops[p], low_conf_threshold=waves[p].threshold_of(k))
+                loop.submit(p * K + k, prompt, max_new_tokens=settings_of[p].max_new_tokens, group=p, stop=trace_stop)
 
         def begin(p: int) -> None:
             chosen = plan(p) if plan is not None else ProblemPlan(settings)
             s = chosen.settings
             if s.traces > K:
                 raise ValueError(f"ParallelSampler.run: plan({p}) runs {s.traces} traces, more than settings.traces={K}")
-            stop = chosen.stop if chosen.stop is not None else StopConfig(
+            stops[p] = chosen.stop if chosen.stop is not None else StopConfig(
                 eos_ids=tuple(self.task.eos_ids), low_conf_signal=s.signal, window=s.window,
                 min_new_tokens=s.window, record_signals=s.record_signals)
-            plans[p] = ProblemPlan(s, stop)
+            settings_of[p] = s
             waves[p] = TraceWaves(s)
             results[p].threshold = waves[p].threshold
             submit(p)
 
         def finish_problem(p: int) -> None:
             nonlocal next_problem
-            results[p].count_votes(plans[p].settings)
+            results[p].count_votes(settings_of[p])
             if done is not None:
                 done(p, results[p])
             if next_problem < len(problems):
@@ -307,7 +308,7 @@ class ParallelSampler:
 
         def on_finished(record: Finished) -> None:
             p, k = divmod(record.request_id, K)
-            s = plans[p].settings
+            s = settings_of[p]
             answer = self.task.answer_of(record.tokens) if record.reason in VOTING_REASONS else None
             trace = TraceResult.from_record(record, p, k, answer, results[p].reference)
             if s.vote == "deepconf":
@@ -326,7 +327,7 @@ class ParallelSampler:
             next_problem += 1
             begin(next_problem - 1)
         loop.run(on_finished)
-        missing = [p for p, r in enumerate(results) if plans[p] is None or len(r.traces) != plans[p].settings.traces]
+        missing = [p for p, r in enumerate(results) if p not in settings_of or len(r.traces) != settings_of[p].traces]
         if missing:  # pragma: no cover - every trace ends once (scheduler contract)
             raise RuntimeError(f"ParallelSampler.run: problems {missing[:5]} did not end all their traces")
         return RunResult(settings=settings, problems=results, loop=loop.stats)
