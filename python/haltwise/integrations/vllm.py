@@ -62,7 +62,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from ..metrics import metrics_from_env
-from .vllm_rows import EXTRA_ARGS_KEY, SETTING_KEYS, RowTable, parse_settings
+from .vllm_rows import EXTRA_ARGS_KEY, SETTING_KEYS, RowTable, parse_settings, topk_confidence
 
 __all__ = ["HaltwiseLogitsProcessor", "parse_settings", "EXTRA_ARGS_KEY", "SETTING_KEYS"]
 
@@ -112,17 +112,24 @@ ROUNDING_MARGIN = 1e-4
 class _Trace:
     """A trace in flight: its problem, index, and what vLLM has returned so far."""
 
-    def __init__(self, problem: int, trace: int):
-        self.problem, self.trace = problem, trace
+    def __init__(self, problem: int, trace: int, top_k: int):
+        self.problem, self.trace, self.top_k = problem, trace, top_k
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []  # of the sampled tokens (NaN where vLLM returned none)
+        self.confs: list[float] = []  # top_k > 0: each token's topk_confidence
 
     def extend(self, token_ids, logprobs) -> None:
         self.token_ids.extend(token_ids)
         if logprobs is None or len(logprobs) != len(token_ids):
             self.logprobs.extend([float("nan")] * len(token_ids))
-        else:
-            self.logprobs.extend(lp[t].logprob for t, lp in zip(token_ids, logprobs))
+            self.confs.extend([float("nan")] * len(token_ids) if self.top_k else [])
+            return
+        self.logprobs.extend(lp[t].logprob for t, lp in zip(token_ids, logprobs))
+        if self.top_k:
+            self.confs.extend(topk_confidence([v.logprob for v in lp.values()], self.top_k) for lp in logprobs)
+
+    def truncate(self, n: int) -> None:
+        del self.token_ids[n:], self.logprobs[n:], self.confs[n:]
 
 
 class VLLMParallelSampler:
@@ -146,12 +153,36 @@ class VLLMParallelSampler:
       its own by replaying the rule on its returned logprobs (``tracebank.cut_length``:
       the rule fired on a token before the last one): it gets reason LOW_CONFIDENCE and
       does not vote, as in the haltwise loop.
+    * ``signal="topk_conf"`` (the DeepConf baselines of ``haltwise bench``) runs the
+      DeepConf way, on the client, as DeepConf's own vLLM integration does: every
+      token comes back with its top ``top_k_conf`` logprobs (``logprobs=k``), the
+      client computes each token's confidence (``vllm_rows.topk_confidence``), sets
+      the warm-up threshold from them and aborts a trace (``abort_request``, reason
+      LOW_CONFIDENCE) as soon as a window mean falls below it (the window /
+      min_new_tokens rule of ``tracebank.cut_length``); no haltwise settings reach
+      the engine. ``vote="deepconf"`` filters and weights the votes by the traces'
+      lowest group confidence (``ProblemResult.count_votes``), as in haltwise's loop.
+      The logprobs are vLLM's default ``logprobs_mode="raw_logprobs"``: log_softmax
+      of the raw logits, before temperature, penalties and logits processors -- the
+      model's distribution, on which haltwise computes its signals too
+      (docs/signals.md). Shipping k logprobs per token to the client is the cost this
+      comparison measures against haltwise's in-engine cut.
     """
 
     def __init__(self, llm, task, *, temperature: float = 1.0, seed: int = 0, top_k_conf: int = 20):
         self.llm, self.task = llm, task
         self.temperature, self.seed, self.top_k_conf = temperature, seed, top_k_conf
         self._run_id = 0
+
+    @staticmethod
+    def unsupported(settings) -> str | None:
+        """Why this driver cannot run `settings` (None: it can)."""
+        # logprob: cut in the engine and replayed from the sampled tokens' logprobs;
+        # topk_conf: computed and cut on the client from the top-k logprobs
+        if settings.signal not in ("logprob", "topk_conf"):
+            return (f"settings.signal must be 'logprob' (cut in the engine) or 'topk_conf' (cut on the client "
+                    f"from vLLM's top-k logprobs), got {settings.signal!r}")
+        return None
 
     def run(self, problems, settings, progress=None):
         import math
@@ -164,15 +195,12 @@ class VLLMParallelSampler:
         from ..decoding.parallel import VOTING_REASONS, ProblemResult, RunResult, TraceResult
         from ..decoding.waves import TraceWaves
         from ..scheduler import StopReason
+        from ..trace_rules import lowest_group_confidence
         from ..tracebank import cut_length, lowest_window_mean
 
-        # The client replays the cut rule on vLLM's logprobs: only the logprob
-        # signal with the natural vote can be replayed exactly here.
-        if settings.signal != "logprob":
-            raise ValueError(f"VLLMParallelSampler.run: settings.signal must be 'logprob' (the signal vLLM returns "
-                             f"to the client), got {settings.signal!r}")
-        if settings.vote != "natural":
-            raise ValueError(f"VLLMParallelSampler.run: settings.vote must be 'natural', got {settings.vote!r}")
+        why = self.unsupported(settings)
+        if why:
+            raise ValueError(f"VLLMParallelSampler.run: {why}")
 
         engine = self.llm.llm_engine
         K = settings.traces
@@ -183,11 +211,13 @@ class VLLMParallelSampler:
         waves = [TraceWaves(settings) for _ in problems]
         live: dict[str, _Trace] = {}  # request id -> trace in flight
         stats = LoopStats()
+        on_client = settings.signal == "topk_conf"  # DeepConf's way: the client computes and cuts
+        top_k = self.top_k_conf if on_client else 0
 
         def threshold_of(p: int, k: int) -> float | None:
             """The threshold the processor cuts trace k at: the problem's minus the margin (None: uncut)."""
             base = waves[p].threshold_of(k)
-            return None if base is None else base - ROUNDING_MARGIN
+            return None if base is None or on_client else base - ROUNDING_MARGIN
 
         def submit(p: int) -> None:
             for k in waves[p].start():
@@ -199,16 +229,30 @@ class VLLMParallelSampler:
                                               "top_k_conf": self.top_k_conf}}
                 params = SamplingParams(temperature=self.temperature, seed=self.seed * 1_000_003 + p * K + k,
                                         max_tokens=settings.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
-                                        logprobs=0, extra_args=extra, detokenize=False,
+                                        logprobs=top_k, extra_args=extra, detokenize=False,
                                         output_kind=RequestOutputKind.DELTA)
                 rid = f"{tag}-{p}-{k}"
                 engine.add_request(rid, prompts[p], params)
-                live[rid] = _Trace(p, k)
+                live[rid] = _Trace(p, k, top_k)
+
+        def client_cut(rid: str) -> None:
+            """Aborts the trace once a window mean of its confidence is below the threshold."""
+            t = live[rid]
+            threshold = waves[t.problem].threshold_of(t.trace)
+            if threshold is None:
+                return
+            n = cut_length(np.array(t.confs, dtype=np.float64), threshold, window=settings.window,
+                           min_new_tokens=settings.window, last_evaluated=True)
+            if n is not None:
+                engine.abort_request([rid])
+                t.truncate(n)  # the trace as the rule cut it (a step may return more than one token)
+                end(rid, StopReason.LOW_CONFIDENCE)
 
         def end(rid: str, reason: StopReason) -> None:
             t = live.pop(rid)
             p, k = t.problem, t.trace
-            values = np.array(t.logprobs, dtype=np.float64)
+            values = np.array(t.confs if on_client else t.logprobs, dtype=np.float64)
+            logprobs = np.array(t.logprobs, dtype=np.float64)
             threshold = threshold_of(p, k)
             # the rule fired on some token before the last: the processor forced the end token
             # (at the next step, or one later when async scheduling delays the token's value)
@@ -221,7 +265,10 @@ class VLLMParallelSampler:
                 problem=p, trace=k, reason=reason, num_tokens=len(t.token_ids), answer=answer,
                 correct=answer is not None and answer == results[p].reference,
                 min_window_mean=lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window),
-                mean_logprob=float(values.mean()) if len(values) else math.nan)
+                mean_logprob=float(logprobs.mean()) if len(logprobs) else math.nan)
+            if settings.vote == "deepconf":
+                trace.lowest_conf = lowest_group_confidence(trace.min_window_mean,
+                                                            float(values.mean()) if len(values) else math.nan)
             results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
@@ -250,6 +297,8 @@ class VLLMParallelSampler:
                 t.extend(comp.token_ids, comp.logprobs)
                 if out.finished:
                     end(out.request_id, StopReason.MAX_TOKENS if comp.finish_reason == "length" else StopReason.EOS)
+                elif on_client:
+                    client_cut(out.request_id)
         stats.wall_s = time.perf_counter() - t0
         missing = [p for p, r in enumerate(results) if len(r.traces) != K]
         if missing:
