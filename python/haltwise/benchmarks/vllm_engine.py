@@ -10,11 +10,16 @@ the reason (``VLLMParallelSampler.unsupported``; "policy": the adaptive policy
 plans each problem through ParallelSampler's hooks). ``uncut`` and ``static`` cut in
 the engine (HaltwiseLogitsProcessor); ``deepconf_low`` / ``deepconf_high`` run
 DeepConf's way, on the client (top-20 logprobs of every token shipped to it, the
-cut an abort), so their tokens/s carry that cost. Then the throughput check: the
-same uncut traces (a) with the processor loaded and every request asking with a
-threshold that never fires ("loaded, never cutting"), (b) on a second engine
-without the processor, and (c) with the top-20 logprobs of every token returned to
-the client. ``throughput.ratio`` = (a) / (b).
+cut an abort), so their tokens/s carry that cost. Those logprobs are vLLM's default
+``logprobs_mode="raw_logprobs"``: log_softmax of the raw logits, before temperature,
+penalties and logits processors -- the temperature-1 distribution haltwise's signals
+are computed on (docs/signals.md), so both engines' DeepConf cuts read the same
+confidence (tests/test_vllm_engine.py checks it at temperature 0.7).
+
+Then the throughput check: the same uncut traces (a) with the processor loaded and
+every request asking with a threshold that never fires ("loaded, never cutting"),
+(b) on a second engine without the processor, and (c) with the top-20 logprobs of
+every token returned to the client. ``throughput.ratio`` = (a) / (b).
 vLLM starts worker processes with spawn: run this as a module or script, not from an
 interactive session.
 """
