@@ -203,3 +203,13 @@ def test_bench_engine_vllm_refuses_options_it_cannot_honour(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "--model is not supported with --engine vllm" in err and str(tmp_path) in err
+
+
+def test_bench_engine_hf_refuses_options_it_cannot_honour(tmp_path, capsys, no_decode_run):
+    assert main(["bench", "--engine", "hf", "--problems-file", str(tmp_path / "p.jsonl")]) == 2
+    err = _one_line_error(capsys, "--problems-file is not supported with --engine hf")
+    assert "p.jsonl" in err
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert main(["bench", "--engine", "hf", "--weights", str(weights)]) == 2
+    _one_line_error(capsys, "--weights must be a checkpoint directory with --engine hf", str(weights))

@@ -84,5 +84,6 @@ def test_bench_cli_on_a_local_checkpoint(model, tmp_path, capsys):
                  "--json", str(out_json)]) == 0
     payload = json.loads(out_json.read_text())
     assert [r["key"] for r in payload["runs"]] == ["uncut", "deepconf_low", "deepconf_high", "static"]
+    assert list(payload["skipped"]) == ["policy"]  # calibrated on the bundled task's bank only
     assert payload["runs"][0]["tokens"] > 0 and 0.0 <= payload["runs"][0]["em"] <= 1.0
     assert "no early stopping" in capsys.readouterr().out

@@ -104,6 +104,8 @@ def test_parallel_sampler_on_vllm_waves_consensus_and_abort(llm):
     is accounted for once; uncut traces are those of plain generate with the same
     seeds; waves + consensus end settled siblings (aborted in flight or never
     started) and spend fewer tokens than uncut."""
+    import dataclasses
+
     from haltwise.benchmarks.decode import DecodeBenchConfig, default_runs
     from haltwise.integrations.vllm import VLLMParallelSampler
     from haltwise.scheduler import StopReason
@@ -114,8 +116,8 @@ def test_parallel_sampler_on_vllm_waves_consensus_and_abort(llm):
     runs = {settings.key: settings for settings in default_runs(cfg)}
     uncut_settings, consensus_settings = runs["uncut"], runs["static"]
     sampler = VLLMParallelSampler(llm, ArithTask(), seed=3)
-    with pytest.raises(ValueError, match="settings.signal must be 'logprob'"):
-        sampler.run(problems, runs["deepconf_low"])  # top-20 confidence is not in vLLM's output
+    with pytest.raises(ValueError, match="settings.signal must be 'logprob' .* or 'topk_conf' .*got 'entropy'"):
+        sampler.run(problems, dataclasses.replace(uncut_settings, signal="entropy"))
     uncut = sampler.run(problems, uncut_settings)
     run = sampler.run(problems, consensus_settings)
     for result in (uncut, run):
@@ -134,6 +136,87 @@ def test_parallel_sampler_on_vllm_waves_consensus_and_abort(llm):
     assert all(p.threshold is not None for p in run.problems if len(p.traces) and
                any(t.trace >= consensus_settings.warmup and t.num_tokens for t in p.traces))
     assert run.em >= uncut.em - 0.25  # 8 problems: a loose sanity bound; the benchmark measures it properly
+
+
+def test_deepconf_on_vllm_cuts_on_the_client(llm):
+    """The DeepConf baselines on vLLM, DeepConf's way: top-20 logprobs to the client,
+    the warm-up threshold and the cut computed there, the cut trace aborted. Warm-up
+    traces are their uncut twins; a cut trace is a prefix of its twin, ended where a
+    window mean of its confidence fell below the threshold; only traces whose lowest
+    group confidence reaches the threshold vote; keep 10% cuts at least as much as
+    keep 90%."""
+    from haltwise.benchmarks.decode import DecodeBenchConfig, default_runs
+    from haltwise.integrations.vllm import VLLMParallelSampler
+    from haltwise.scheduler import StopReason
+    from haltwise.tasks.adapters import ArithTask
+
+    problems = PROBLEMS[:6]
+    cfg = DecodeBenchConfig(problems=len(problems), traces=8, max_new_tokens=112)
+    runs = {settings.key: settings for settings in default_runs(cfg)}
+    sampler = VLLMParallelSampler(llm, ArithTask(), seed=5)
+    uncut = sampler.run(problems, runs["uncut"])
+    twins = {(t.problem, t.trace): t for p in uncut.problems for t in p.traces}
+    tokens = {}
+    for key in ("deepconf_low", "deepconf_high"):
+        settings = runs[key]
+        run = sampler.run(problems, settings)
+        tokens[key] = run.tokens
+        for p in run.problems:
+            assert sorted(t.trace for t in p.traces) == list(range(cfg.traces))
+            assert p.threshold is not None
+            for t in p.traces:
+                twin = twins[(t.problem, t.trace)]
+                if t.trace < settings.warmup:
+                    assert (t.reason, t.num_tokens, t.answer) == (twin.reason, twin.num_tokens, twin.answer)
+                if t.reason == StopReason.LOW_CONFIDENCE:
+                    assert settings.window <= t.num_tokens < twin.num_tokens
+                else:
+                    assert t.num_tokens == twin.num_tokens
+                if t.votes:
+                    assert t.lowest_conf >= p.threshold
+        assert any(t.reason == StopReason.LOW_CONFIDENCE for p in run.problems for t in p.traces), key
+    assert tokens["deepconf_low"] <= tokens["deepconf_high"] < uncut.tokens
+
+
+def test_returned_logprobs_are_the_model_distribution_whatever_the_temperature(llm):
+    """The client's token confidence from vLLM's logprobs (logprobs_mode raw_logprobs)
+    equals haltwise's topk_conf of the bundled model's logits for the same tokens, at
+    temperature 0.7 too: the temperature-1 distribution, as haltwise's signals."""
+    import torch
+
+    from haltwise.integrations.vllm_rows import topk_confidence
+    from haltwise.models.gpt import load_pretrained
+    from haltwise.reference import signals_torch
+
+    out = llm.generate(PROMPTS[:1], vllm.SamplingParams(temperature=0.7, seed=1, max_tokens=112, logprobs=20,
+                                                        stop_token_ids=[arith.EOS_ID], detokenize=False),
+                       use_tqdm=False)[0].outputs[0]
+    client = [topk_confidence([v.logprob for v in lp.values()], 20) for lp in out.logprobs]
+    model, _ = load_pretrained()
+    prompt = arith.prompt_ids(PROBLEMS[0])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + list(out.token_ids)]))[0, len(prompt) - 1: -1]  # [n, V]
+    zeros = torch.zeros(len(logits), dtype=torch.int64)
+    ours = signals_torch(logits, temperature=1.0, top_k_conf=20, seed=zeros, offset=zeros, salt=zeros).topk_conf
+    assert len(client) == len(out.token_ids) > 0
+    torch.testing.assert_close(torch.tensor(client, dtype=torch.float32), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_vllm_bench_writes_the_bench_json(llm):
+    """The vLLM engine's bench JSON: the runs of default_runs under their keys with
+    run_row's fields; the one it cannot do (the policy) under "skipped" with why."""
+    from haltwise.benchmarks.decode import DecodeBenchConfig, bench_payload
+    from haltwise.benchmarks.vllm_engine import engine_runs
+
+    cfg = DecodeBenchConfig(problems=2, traces=4, max_new_tokens=112, throughput_problems=0)
+    results, skipped = engine_runs(llm, PROBLEMS[:2], cfg)
+    payload = bench_payload("vllm", cfg, results, skipped)
+    assert [r["key"] for r in payload["runs"]] == ["uncut", "deepconf_low", "deepconf_high", "static"]
+    assert list(payload["skipped"]) == ["policy"] and "plan" in payload["skipped"]["policy"]
+    fields = ["key", "name", "tokens", "saved", "em", "em_single", "em_diff", "em_diff_se", "tokens_per_s", "wall_s",
+              "cut_traces", "dropped_traces"]
+    assert all(list(r) == fields for r in payload["runs"])
+    assert all(r["tokens_per_s"] > 0 for r in payload["runs"])
 
 
 _METRICS_SERVER = """

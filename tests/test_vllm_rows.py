@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from haltwise.integrations.vllm_rows import RowTable, parse_settings
+from haltwise.integrations.vllm_rows import RowTable, parse_settings, topk_confidence
 
 
 class Direction(enum.Enum):  # vLLM's MoveDirectionality, by name
@@ -238,3 +238,24 @@ def test_signals_pass_groups_rows_by_top_k_conf():
         expect = -torch.log_softmax(x[i], -1).topk(k).values.mean().item()
         assert topk == pytest.approx(expect, rel=1e-5, abs=1e-5)
     assert np.isfinite([table.rows[i].pending[0][1] for i in range(3)]).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 20])
+def test_topk_confidence_from_returned_logprobs_is_haltwise_topk_conf(k):
+    """What the vLLM driver computes on the client from a token's returned logprobs
+    (the top k, plus the sampled token when it is not among them) is haltwise's
+    topk_conf of the same logits, whatever the sampled token."""
+    from haltwise.reference import signals_torch
+
+    gen = torch.Generator().manual_seed(k)
+    logits = torch.randn(6, 27, generator=gen) * 3
+    logits[5, 20:] = -math.inf  # fewer finite entries than k: k' = the finite ones
+    zeros = torch.zeros(6, dtype=torch.int64)
+    expected = signals_torch(logits, temperature=1.0, top_k_conf=k, seed=zeros, offset=zeros, salt=zeros).topk_conf
+    logp = torch.log_softmax(logits.double(), -1)
+    for row in range(6):
+        top = logp[row].topk(k).indices.tolist()
+        sampled = int(logp[row].argmin()) if row % 2 else top[-1]  # beyond the top k, or among them
+        returned = [float(logp[row, t]) for t in {*top, sampled}]
+        assert topk_confidence(returned, k) == pytest.approx(float(expected[row]), abs=1e-5)
+    assert topk_confidence([], k) == 0.0

@@ -37,19 +37,24 @@ def _bench_scheduler(args) -> int:
     return 0
 
 
-def _bench_vllm(args) -> int:
-    """`haltwise bench --engine vllm`: the decode runs on a vLLM engine (benchmarks/vllm_engine.py)."""
-    unsupported = {"--model": args.model, "--problems-file": args.problems_file, "--weights": args.weights,
-                   "--bank-out": args.bank_out, "--plot": args.plot}
-    for option, value in unsupported.items():
-        if value:
-            raise CliError(f"{option} is not supported with --engine vllm (it decodes the bundled checkpoint), "
-                           f"got {value!r}")
-    check_output("--json", args.json)
+def _check_engine(args, unsupported: tuple[str, ...], package: str, extra: str) -> None:
+    """--engine ENGINE decodes the bundled checkpoint: refuses the options it cannot
+    honour and a missing engine package, naming them, before anything runs."""
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
-        raise CliError("--engine vllm needs vLLM: pip install 'haltwise[vllm]' (see the README)")
+    for option in unsupported:
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value:
+            raise CliError(f"{option} is not supported with --engine {args.engine} (it decodes the bundled "
+                           f"checkpoint), got {value!r}")
+    if importlib.util.find_spec(package) is None:
+        raise CliError(f"--engine {args.engine} needs {package}: pip install 'haltwise[{extra}]' (see the README)")
+
+
+def _bench_vllm(args) -> int:
+    """`haltwise bench --engine vllm`: the decode runs on a vLLM engine (benchmarks/vllm_engine.py)."""
+    _check_engine(args, ("--model", "--problems-file", "--weights", "--bank-out", "--plot"), "vllm", "vllm")
+    check_output("--json", args.json)
     from .benchmarks import vllm_engine
 
     argv = ["--problems", str(args.problems), "--traces", str(args.traces), "--seed", str(args.seed),
@@ -68,6 +73,12 @@ def _bench_decode(args) -> int:
 
     if args.engine == "vllm":
         return _bench_vllm(args)
+    if args.engine == "hf":
+        # --model DIR --problems-file F already decodes your checkpoint in transformers
+        _check_engine(args, ("--model", "--problems-file"), "transformers", "hf")
+        if args.weights and not Path(args.weights).is_dir():
+            raise CliError(f"--weights must be a checkpoint directory with --engine hf (transformers loads "
+                           f"directories), got {args.weights!r}")
 
     # every output is checked before the run, whose results a bad path would lose
     check_output("--json", args.json)
@@ -85,7 +96,7 @@ def _bench_decode(args) -> int:
         kwargs = hf_setup(args.model, args.problems_file, cfg)
         cfg = kwargs.pop("cfg")
     payload = decode.bench_decode(cfg, progress=not args.no_progress, bank_path=args.bank_out, weights=args.weights,
-                                  **kwargs)
+                                  engine=args.engine, **kwargs)
     _write_json(args.json, payload)  # the results first: nothing optional may lose them
     print(decode.format_table(payload["runs"]))
     if "throughput" in payload:
@@ -146,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=160)
     bench.add_argument("--throughput-problems", type=int, default=100,
                        help="decode: problems for the Stepper vs plain-torch throughput check (0: skip)")
-    bench.add_argument("--engine", choices=["haltwise", "vllm"], default="haltwise",
-                       help="decode: haltwise's own decode loop, or a vLLM engine with the logits processor "
-                            "(pip install 'haltwise[vllm]')")
+    bench.add_argument("--engine", choices=["haltwise", "hf", "vllm"], default="haltwise",
+                       help="decode: haltwise's own decode loop on its own model; hf: the same loop and runs on "
+                            "the checkpoint as Hugging Face transformers loads it (pip install 'haltwise[hf]'); "
+                            "vllm: a vLLM engine with the logits processor (pip install 'haltwise[vllm]')")
     bench.add_argument("--weights", metavar="PATH",
                        help="decode: the bundled model's weights (a checkpoint directory or a safetensors file)")
     bench.add_argument("--model", metavar="DIR", help="decode: a local Hugging Face checkpoint directory")

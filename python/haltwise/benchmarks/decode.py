@@ -205,21 +205,38 @@ def bank_problems(n: int):
     return [p for p in arith.generate_problems(2 * n, BANK_STREAM) if not arith.is_eval_prompt(p.prompt)][:n]
 
 
-def bundled_setup(cfg: DecodeBenchConfig, weights: str | None = None, problems=None) -> dict:
+def bundled_setup(cfg: DecodeBenchConfig, weights: str | None = None, problems=None,
+                  engine: str = "haltwise") -> dict:
     """The bundled model and (by default) the eval set; max_new_tokens is
-    capped so prompt + trace fit the model's context."""
-    from ..models.gpt import load_pretrained
+    capped so prompt + trace fit the model's context. engine "haltwise": the
+    model as haltwise's GPT; "hf": the same checkpoint as transformers loads
+    it (NemotronForCausalLM) under the same decode loop (HFRunner), so every
+    run of the bench, the policy included, runs on transformers' forward."""
     from ..tasks import arith
     from ..tasks.adapters import ArithTask
 
-    model, config = load_pretrained(weights)
     torch.set_grad_enabled(False)
     problems = problems if problems is not None else arith.eval_set(cfg.problems)
     max_prompt = max(len(arith.prompt_ids(p)) for p in problems)
-    cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, config.max_seq_len - max_prompt))
+    runner: Callable[[int, int], object]
+    if engine == "hf":
+        from ..decoding.hf_runner import HFRunner, load_causal_lm
+        from ..models import BUNDLED_CHECKPOINT
+
+        hf_model = load_causal_lm(weights or BUNDLED_CHECKPOINT)
+        max_seq_len = hf_model.config.max_position_embeddings
+        runner = lambda capacity, max_len: HFRunner(hf_model, pad_id=arith.PAD_ID)  # noqa: E731
+    elif engine == "haltwise":
+        from ..models.gpt import load_pretrained
+
+        model, config = load_pretrained(weights)
+        max_seq_len = config.max_seq_len
+        runner = lambda capacity, max_len: GPTRunner(model, capacity, max_len=max_len)  # noqa: E731
+    else:
+        raise ValueError(f"bundled_setup: engine must be 'haltwise' or 'hf', got {engine!r}")
+    cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, max_seq_len - max_prompt))
     max_len = max_prompt + cfg.max_new_tokens
-    return dict(cfg=cfg, problems=problems, task=ArithTask(),
-                runner_factory=lambda capacity: GPTRunner(model, capacity, max_len=max_len))
+    return dict(cfg=cfg, problems=problems, task=ArithTask(), runner_factory=lambda capacity: runner(capacity, max_len))
 
 
 def adaptive_policy_run(cfg: DecodeBenchConfig) -> Callable:
@@ -246,16 +263,36 @@ def adaptive_policy_run(cfg: DecodeBenchConfig) -> Callable:
     return run
 
 
+# Why an engine's bench lacks a run of default_runs + policy (the JSON's "skipped")
+POLICY_BUNDLED_ONLY = "the adaptive policy is calibrated on the bundled task's trace bank (bundled task only)"
+
+
+def bench_payload(engine: str, cfg: DecodeBenchConfig, results: Sequence[RunResult], skipped: dict[str, str]) -> dict:
+    """The bench JSON every engine writes: rows by run_row against the first
+    run (uncut), the DeepConf setup, and the runs this engine did not do
+    with the reason."""
+    baseline = results[0]
+    return {"engine": engine, "baseline": baseline.settings.name, "config": dict(cfg.__dict__),
+            "runs": [run_row(r, baseline) for r in results], "skipped": dict(skipped),
+            "deepconf": deepconf_setup(cfg)}
+
+
 def bench_decode(cfg: DecodeBenchConfig, *, problems=None, task=None, runner_factory: Callable | None = None,
                  runs: Sequence[EarlyStopSettings] | None = None, progress: bool = True,
-                 bank_path: str | None = None, extra_runs: Sequence[Callable] = (), weights: str | None = None) -> dict:
-    """Runs (a), (b), (c) [+ extra_runs] and the throughput check. Returns the JSON payload."""
+                 bank_path: str | None = None, extra_runs: Sequence[Callable] = (), weights: str | None = None,
+                 engine: str = "haltwise") -> dict:
+    """Runs (a), (b), (c) [+ extra_runs] and the throughput check. Returns the JSON payload.
+    Without problems / task / runner_factory: the bundled model on `engine`
+    (bundled_setup), with the policy run."""
     from tqdm import tqdm
 
+    skipped: dict[str, str] = {}
     if problems is None or task is None or runner_factory is None:
-        setup = bundled_setup(cfg, weights)
+        setup = bundled_setup(cfg, weights, engine=engine)
         cfg, problems, task, runner_factory = setup["cfg"], setup["problems"], setup["task"], setup["runner_factory"]
         extra_runs = [*extra_runs, adaptive_policy_run(cfg)]
+    else:
+        skipped["policy"] = POLICY_BUNDLED_ONLY
     sampler = ParallelSampler(runner_factory, task, capacity=cfg.capacity, temperature=cfg.temperature,
                               seed=cfg.seed, top_k_conf=20)
     runs = list(runs or default_runs(cfg))
@@ -269,9 +306,7 @@ def bench_decode(cfg: DecodeBenchConfig, *, problems=None, task=None, runner_fac
                   leave=False) as bar:
             results.append(extra(sampler, problems, results[0], progress=bar.update))
     baseline = results[0]
-    rows = [run_row(r, baseline) for r in results]
-    payload = {"baseline": baseline.settings.name, "config": cfg.__dict__, "runs": rows,
-               "deepconf": deepconf_setup(cfg)}
+    payload = bench_payload(engine, cfg, results, skipped)
     difficulty = [getattr(task, "difficulty", lambda p: 0)(p) for p in problems]
     bank = bank_from_run(baseline, difficulty, meta={"temperature": cfg.temperature, "seed": cfg.seed,
                                                      "traces": cfg.traces, "source": "haltwise bench (a)"})

@@ -3,15 +3,23 @@
     python -m haltwise.benchmarks.vllm_engine --problems 100 --traces 16 --json /tmp/vllm.json
 
 One engine with HaltwiseLogitsProcessor runs the settings of ``haltwise bench``
-(``default_runs``) that the driver can replay from vLLM's logprobs, through
-:class:`haltwise.integrations.vllm.VLLMParallelSampler`: ``uncut`` and ``static``
-(cut + waves + consensus), with the bench's keys, tokens, tokens saved and the paired
-vote-EM difference against uncut. (The DeepConf runs cut on top-20 confidence, which
-vLLM does not return to the client.) Then the throughput check: the same uncut traces
-(a) with the processor loaded and every request asking with a threshold that never
-fires ("loaded, never cutting"), (b) on a second engine without the processor, and
-(c) the DeepConf way: the top-20 logprobs of every token returned to the client
-(where a client-side cut would read them). ``throughput.ratio`` = (a) / (b).
+(``default_runs``) through :class:`haltwise.integrations.vllm.VLLMParallelSampler`
+and writes the bench's JSON (``decode.bench_payload``: the same keys and row fields
+as the other engines); a run the driver cannot do is listed under "skipped" with
+the reason (``VLLMParallelSampler.unsupported``; "policy": the adaptive policy
+plans each problem through ParallelSampler's hooks). ``uncut`` and ``static`` cut in
+the engine (HaltwiseLogitsProcessor); ``deepconf_low`` / ``deepconf_high`` run
+DeepConf's way, on the client (top-20 logprobs of every token shipped to it, the
+cut an abort), so their tokens/s carry that cost. Those logprobs are vLLM's default
+``logprobs_mode="raw_logprobs"``: log_softmax of the raw logits, before temperature,
+penalties and logits processors -- the temperature-1 distribution haltwise's signals
+are computed on (docs/signals.md), so both engines' DeepConf cuts read the same
+confidence (tests/test_vllm_engine.py checks it at temperature 0.7).
+
+Then the throughput check: the same uncut traces (a) with the processor loaded and
+every request asking with a threshold that never fires ("loaded, never cutting"),
+(b) on a second engine without the processor, and (c) with the top-20 logprobs of
+every token returned to the client. ``throughput.ratio`` = (a) / (b).
 vLLM starts worker processes with spawn: run this as a module or script, not from an
 interactive session.
 """
@@ -23,7 +31,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-KEYS = ("uncut", "static")  # the runs of default_runs this driver replays
+# The adaptive policy plans and observes each problem through ParallelSampler's plan / done hooks
+POLICY_SKIPPED = "the adaptive policy plans each problem through ParallelSampler's plan/done hooks, which " \
+                 "VLLMParallelSampler does not have"
 
 
 def make_engine(processor: bool, max_num_seqs: int, seed: int):
@@ -60,11 +70,28 @@ def uncut_tokens_per_s(llm, problems, traces: int, max_new: int, *, extra=None, 
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-def main(argv=None) -> int:
-    from .decode import DecodeBenchConfig, default_runs, paired_em_difference
+def engine_runs(llm, problems, cfg, progress=None) -> tuple[list, dict[str, str]]:
+    """default_runs(cfg) on `llm` that the driver can do (uncut first), and
+    {key: why} for those it cannot, the policy run included."""
     from ..integrations.vllm import VLLMParallelSampler
-    from ..tasks import arith
     from ..tasks.adapters import ArithTask
+    from .decode import default_runs
+
+    sampler = VLLMParallelSampler(llm, ArithTask(), temperature=cfg.temperature, seed=cfg.seed)
+    results, skipped = [], {}
+    for settings in default_runs(cfg):
+        why = sampler.unsupported(settings)
+        if why:
+            skipped[settings.key] = why
+            continue
+        results.append(sampler.run(problems, replace(settings, record_signals=False), progress=progress))
+    skipped["policy"] = POLICY_SKIPPED
+    return results, skipped
+
+
+def main(argv=None) -> int:
+    from ..tasks import arith
+    from .decode import DecodeBenchConfig, bench_payload, format_table
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=100)
@@ -76,37 +103,26 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
 
-    cfg = DecodeBenchConfig(problems=args.problems, traces=args.traces, seed=args.seed)
+    cfg = DecodeBenchConfig(problems=args.problems, traces=args.traces, seed=args.seed,
+                            throughput_problems=0 if args.skip_throughput else args.throughput_problems)
     problems = arith.eval_set(cfg.problems)
     max_new = min(cfg.max_new_tokens, 144 - max(len(arith.prompt_ids(p)) for p in problems))
     cfg = replace(cfg, max_new_tokens=max_new)
     t_start = time.perf_counter()
     llm = make_engine(True, args.max_num_seqs, args.seed)
     print(f"engine up in {time.perf_counter() - t_start:.0f} s", flush=True)
-    sampler = VLLMParallelSampler(llm, ArithTask(), temperature=cfg.temperature, seed=cfg.seed)
-    runs, baseline = [], None
-    for settings in default_runs(cfg):
-        if settings.key not in KEYS:
-            continue
-        key = settings.key
-        run = sampler.run(problems, replace(settings, record_signals=False))
-        baseline = baseline or run
-        diff, se = paired_em_difference(run, baseline)
-        row = {"key": key, "name": settings.name, "tokens": run.tokens,
-               "saved": 1.0 - run.tokens / baseline.tokens, "em": run.em, "em_single": run.em_single,
-               "em_diff": diff, "em_diff_se": se, "wall_s": run.loop.wall_s,
-               "tokens_per_s": run.tokens / run.loop.wall_s}
-        runs.append(row)
-        print(f"{key:22s} tokens {run.tokens:8d}  saved {row['saved']:6.1%}  vote EM {run.em:.3f} "
-              f"({diff * 100:+.1f} +- {se * 100:.1f} points)  single {run.em_single:.3f}  {row['wall_s']:.0f} s  "
-              f"{row['tokens_per_s']:.0f} tok/s", flush=True)
-    payload: dict[str, Any] = {"engine": "vllm", "config": vars(args), "runs": runs}
+    results, skipped = engine_runs(llm, problems, cfg)
+    payload: dict[str, Any] = bench_payload("vllm", cfg, results, skipped)
+    payload["args"] = vars(args)
+    print(format_table(payload["runs"]))
+    for key, why in skipped.items():
+        print(f"skipped {key}: {why}")
     if not args.skip_throughput:
         sub = problems[: args.throughput_problems]
         never = {"haltwise": {"low_conf_signal": "logprob", "low_conf_threshold": -1e30, "window": cfg.window}}
         loaded = uncut_tokens_per_s(llm, sub, cfg.traces, max_new, extra=never)
         deepconf = uncut_tokens_per_s(llm, sub, cfg.traces, max_new, logprobs=20)
-        del llm, sampler
+        del llm
         plain_llm = make_engine(False, args.max_num_seqs, args.seed)
         absent = uncut_tokens_per_s(plain_llm, sub, cfg.traces, max_new)
         payload["throughput"] = {"loaded_never_cutting": loaded, "absent": absent, "deepconf_top20_logprobs": deepconf,

@@ -136,6 +136,13 @@ class HFRunner:
                                torch.nn.functional.pad(new_mask, (width - new_w, 0))])
 
 
+def load_causal_lm(path):
+    """A local checkpoint directory as transformers loads it (nothing is downloaded)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+
+
 def hf_setup(model_dir: str | None, problems_file: str | None, cfg) -> dict:
     """Problems, task and runner factory for `haltwise bench --model DIR --problems-file FILE`.
     Both arguments are checked (the problems parsed) before the model loads;
@@ -160,11 +167,11 @@ def hf_setup(model_dir: str | None, problems_file: str | None, cfg) -> dict:
             "a directory without config.json"
         raise CliError(f"--model: no model at {model_dir} (expected a local Hugging Face checkpoint directory "
                        f"with config.json; found {found})")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+        model = load_causal_lm(model_dir)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CliError(f"--model: no model at {model_dir} ({first})") from None

@@ -170,6 +170,30 @@ class ProblemResult:
         self.answer = weighted_vote([t.answer for t in voters], weights)
         return self.answer
 
+    def end_trace(self, waves: TraceWaves, settings: EarlyStopSettings, trace: TraceResult) -> bool:
+        """Tells `waves` that `trace` (already in self.traces) has ended, with
+        the votes so far. True when that settles the vote: the traces never
+        started are then recorded (TraceResult.dropped) and the caller ends
+        those in flight (GROUP_CONSENSUS)."""
+        ended = sorted(self.traces, key=lambda t: t.trace)
+        voters = [t if t.votes else None for t in ended]
+        lows = [t.lowest_conf if settings.vote == "deepconf" else t.min_window_mean
+                for t in ended if t.trace < settings.warmup]
+        settled = waves.end(trace.trace, [t.answer if t else None for t in voters],
+                            [t.weight if (t and settings.weighting == "confidence") else 1.0 for t in voters], lows)
+        if settled:
+            self.traces.extend(TraceResult.dropped(trace.problem, j, self.reference) for j in waves.dropped)
+        self.threshold = waves.threshold
+        return settled
+
+    def count_votes(self, settings: EarlyStopSettings) -> int | None:
+        """The vote once every trace has ended: vote="deepconf" first keeps
+        the traces whose lowest group confidence reaches the threshold."""
+        if settings.vote == "deepconf" and self.threshold is not None:
+            for t in self.traces:
+                t.eligible = not t.lowest_conf < self.threshold  # NaN (no token) stays eligible
+        return self.vote("deepconf" if settings.vote == "deepconf" else settings.weighting)
+
 
 @dataclass
 class RunResult:
@@ -245,8 +269,9 @@ class ParallelSampler:
                            backend=self.backend))
         loop = DecodeLoop(self.runner_factory(self.capacity), scheduler, stepper)
         results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
+        # by problem, from when it begins
         waves: dict[int, TraceWaves] = {}
-        plans: dict[int, EarlyStopSettings] = {}
+        settings_of: dict[int, EarlyStopSettings] = {}
         stops: dict[int, StopConfig] = {}
         limit = len(problems) if max_problems is None else max_problems
         if limit < 1:
@@ -254,42 +279,36 @@ class ParallelSampler:
         next_problem = 0
 
         def submit(p: int) -> None:
-            s, stop = plans[p], stops[p]
             prompt = self.task.prompt_ids(problems[p])
             for k in waves[p].start():
-                trace_stop = dataclasses.replace(stop, low_conf_threshold=waves[p].threshold_of(k))
-                loop.submit(p * K + k, prompt, max_new_tokens=s.max_new_tokens, group=p, stop=trace_stop)
+                trace_stop = dataclasses.replace(stops[p], low_conf_threshold=waves[p].threshold_of(k))
+                loop.submit(p * K + k, prompt, max_new_tokens=settings_of[p].max_new_tokens, group=p, stop=trace_stop)
 
         def begin(p: int) -> None:
             chosen = plan(p) if plan is not None else ProblemPlan(settings)
             s = chosen.settings
             if s.traces > K:
                 raise ValueError(f"ParallelSampler.run: plan({p}) runs {s.traces} traces, more than settings.traces={K}")
-            stop = chosen.stop if chosen.stop is not None else StopConfig(
+            stops[p] = chosen.stop if chosen.stop is not None else StopConfig(
                 eos_ids=tuple(self.task.eos_ids), low_conf_signal=s.signal, window=s.window,
                 min_new_tokens=s.window, record_signals=s.record_signals)
-            plans[p], stops[p] = s, stop
+            settings_of[p] = s
             waves[p] = TraceWaves(s)
             results[p].threshold = waves[p].threshold
             submit(p)
 
         def finish_problem(p: int) -> None:
             nonlocal next_problem
-            s = plans[p]
-            problem = results[p]
-            if s.vote == "deepconf" and problem.threshold is not None:
-                for t in problem.traces:
-                    t.eligible = not t.lowest_conf < problem.threshold  # NaN (no token) stays eligible
-            problem.vote("deepconf" if s.vote == "deepconf" else s.weighting)
+            results[p].count_votes(settings_of[p])
             if done is not None:
-                done(p, problem)
+                done(p, results[p])
             if next_problem < len(problems):
                 next_problem += 1
                 begin(next_problem - 1)
 
         def on_finished(record: Finished) -> None:
             p, k = divmod(record.request_id, K)
-            s = plans[p]
+            s = settings_of[p]
             answer = self.task.answer_of(record.tokens) if record.reason in VOTING_REASONS else None
             trace = TraceResult.from_record(record, p, k, answer, results[p].reference)
             if s.vote == "deepconf":
@@ -298,16 +317,8 @@ class ParallelSampler:
             results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
-            w = waves[p]
-            ended = sorted(results[p].traces, key=lambda t: t.trace)
-            voters = [t if t.votes else None for t in ended]
-            lows = [t.lowest_conf if s.vote == "deepconf" else t.min_window_mean
-                    for t in ended if t.trace < s.warmup]
-            if w.end(k, [t.answer if t else None for t in voters],
-                     [t.weight if (t and s.weighting == "confidence") else 1.0 for t in voters], lows):
+            if results[p].end_trace(waves[p], s, trace):
                 scheduler.settle_group(p)  # in-flight siblings end at their next row (GROUP_CONSENSUS)
-                results[p].traces.extend(TraceResult.dropped(p, j, results[p].reference) for j in w.dropped)
-            results[p].threshold = w.threshold
             submit(p)
             if len(results[p].traces) == s.traces:
                 finish_problem(p)
@@ -316,7 +327,7 @@ class ParallelSampler:
             next_problem += 1
             begin(next_problem - 1)
         loop.run(on_finished)
-        missing = [p for p, r in enumerate(results) if p not in plans or len(r.traces) != plans[p].traces]
+        missing = [p for p, r in enumerate(results) if p not in settings_of or len(r.traces) != settings_of[p].traces]
         if missing:  # pragma: no cover - every trace ends once (scheduler contract)
             raise RuntimeError(f"ParallelSampler.run: problems {missing[:5]} did not end all their traces")
         return RunResult(settings=settings, problems=results, loop=loop.stats)

@@ -62,7 +62,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from ..metrics import metrics_from_env
-from .vllm_rows import EXTRA_ARGS_KEY, SETTING_KEYS, RowTable, parse_settings
+from .vllm_rows import EXTRA_ARGS_KEY, SETTING_KEYS, RowTable, parse_settings, topk_confidence
 
 __all__ = ["HaltwiseLogitsProcessor", "parse_settings", "EXTRA_ARGS_KEY", "SETTING_KEYS"]
 
@@ -109,32 +109,80 @@ class HaltwiseLogitsProcessor(LogitsProcessor):
 ROUNDING_MARGIN = 1e-4
 
 
+class _Trace:
+    """A trace in flight: its problem, index, and what vLLM has returned so far."""
+
+    def __init__(self, problem: int, trace: int, top_k: int):
+        self.problem, self.trace, self.top_k = problem, trace, top_k
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []  # of the sampled tokens (NaN where vLLM returned none)
+        self.confs: list[float] = []  # top_k > 0: each token's topk_confidence
+
+    def extend(self, token_ids, logprobs) -> None:
+        self.token_ids.extend(token_ids)
+        if logprobs is None or len(logprobs) != len(token_ids):
+            self.logprobs.extend([float("nan")] * len(token_ids))
+            self.confs.extend([float("nan")] * len(token_ids) if self.top_k else [])
+            return
+        self.logprobs.extend(lp[t].logprob for t, lp in zip(token_ids, logprobs))
+        if self.top_k:
+            self.confs.extend(topk_confidence([v.logprob for v in lp.values()], self.top_k) for lp in logprobs)
+
+    def truncate(self, n: int) -> None:
+        del self.token_ids[n:], self.logprobs[n:], self.confs[n:]
+
+
 class VLLMParallelSampler:
     """K traces per problem on a vLLM engine, under the same :class:`EarlyStopSettings`
     (warm-up thresholds, waves, consensus rules, votes) as haltwise's own
-    :class:`~haltwise.decoding.parallel.ParallelSampler`, sharing its code: the
-    DeepConf threshold (``voting.warmup_threshold``), the settle rules
-    (``voting.vote_settled``), the vote (``ProblemResult.vote``) and the window means
+    :class:`~haltwise.decoding.parallel.ParallelSampler`, sharing its code: which
+    traces start when and when the vote settles (one
+    :class:`~haltwise.decoding.waves.TraceWaves` per problem), the end of a trace
+    and the vote (``ProblemResult.end_trace`` / ``count_votes``) and the window means
     (``tracebank``). Needs an ``LLM`` whose engine loaded HaltwiseLogitsProcessor.
 
     * Warm-up traces run uncut and return the sampled tokens' logprobs, from which the
       problem's threshold is set; later traces get it through ``extra_args``.
     * Waves: after the warm-up a problem's traces are added ``wave_size`` at a time
       (0: all at once), the next wave once the previous one has ended.
-    * Consensus: once a problem's vote is settled ("unbeatable": the leader cannot be
-      overturned by the traces not yet ended; "beta" / "run" as in voting.py) its
-      in-flight traces are ended through vLLM's own ``abort_request`` (reason
-      GROUP_CONSENSUS, their tokens so far counted) and the rest never start.
+    * Consensus: once a problem's vote is settled ("unbeatable" checked after every
+      trace, "beta" / "run" at wave boundaries) its in-flight traces are ended through
+      vLLM's own ``abort_request`` (reason GROUP_CONSENSUS, their tokens so far
+      counted) and the rest never start (GROUP_CONSENSUS, 0 tokens).
     * A trace whose end token the processor forced is told apart from one that ended on
       its own by replaying the rule on its returned logprobs (``tracebank.cut_length``:
       the rule fired on a token before the last one): it gets reason LOW_CONFIDENCE and
       does not vote, as in the haltwise loop.
+    * ``signal="topk_conf"`` (the DeepConf baselines of ``haltwise bench``) runs the
+      DeepConf way, on the client, as DeepConf's own vLLM integration does: every
+      token comes back with its top ``top_k_conf`` logprobs (``logprobs=k``), the
+      client computes each token's confidence (``vllm_rows.topk_confidence``), sets
+      the warm-up threshold from them and aborts a trace (``abort_request``, reason
+      LOW_CONFIDENCE) as soon as a window mean falls below it (the window /
+      min_new_tokens rule of ``tracebank.cut_length``); no haltwise settings reach
+      the engine. ``vote="deepconf"`` filters and weights the votes by the traces'
+      lowest group confidence (``ProblemResult.count_votes``), as in haltwise's loop.
+      The logprobs are vLLM's default ``logprobs_mode="raw_logprobs"``: log_softmax
+      of the raw logits, before temperature, penalties and logits processors -- the
+      model's distribution, on which haltwise computes its signals too
+      (docs/signals.md). Shipping k logprobs per token to the client is the cost this
+      comparison measures against haltwise's in-engine cut.
     """
 
     def __init__(self, llm, task, *, temperature: float = 1.0, seed: int = 0, top_k_conf: int = 20):
         self.llm, self.task = llm, task
         self.temperature, self.seed, self.top_k_conf = temperature, seed, top_k_conf
         self._run_id = 0
+
+    @staticmethod
+    def unsupported(settings) -> str | None:
+        """Why this driver cannot run `settings` (None: it can)."""
+        # logprob: cut in the engine and replayed from the sampled tokens' logprobs;
+        # topk_conf: computed and cut on the client from the top-k logprobs
+        if settings.signal not in ("logprob", "topk_conf"):
+            return (f"settings.signal must be 'logprob' (cut in the engine) or 'topk_conf' (cut on the client "
+                    f"from vLLM's top-k logprobs), got {settings.signal!r}")
+        return None
 
     def run(self, problems, settings, progress=None):
         import math
@@ -145,18 +193,14 @@ class VLLMParallelSampler:
 
         from ..decoding.loop import LoopStats
         from ..decoding.parallel import ProblemResult, RunResult, TraceResult
+        from ..decoding.waves import TraceWaves
         from ..scheduler import StopReason
-        from ..trace_rules import VOTING_REASONS
+        from ..trace_rules import VOTING_REASONS, lowest_group_confidence
         from ..tracebank import cut_length, lowest_window_mean
-        from ..voting import vote_settled, warmup_threshold
 
-        # The client replays the cut rule on vLLM's logprobs: only the logprob
-        # signal with the natural vote can be replayed exactly here.
-        if settings.signal != "logprob":
-            raise ValueError(f"VLLMParallelSampler.run: settings.signal must be 'logprob' (the signal vLLM returns "
-                             f"to the client), got {settings.signal!r}")
-        if settings.vote != "natural":
-            raise ValueError(f"VLLMParallelSampler.run: settings.vote must be 'natural', got {settings.vote!r}")
+        why = self.unsupported(settings)
+        if why:
+            raise ValueError(f"VLLMParallelSampler.run: {why}")
 
         engine = self.llm.llm_engine
         K = settings.traces
@@ -164,53 +208,51 @@ class VLLMParallelSampler:
         tag = f"hw{self._run_id}"
         results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
         prompts = [{"prompt_token_ids": list(self.task.prompt_ids(p))} for p in problems]
-        queued: list[list[int]] = [[] for _ in problems]  # traces not yet added, in order
-        in_flight: list[dict[str, int]] = [{} for _ in problems]  # request id -> trace
-        tokens_so_far: dict[str, int] = {}
-        settled = [False] * len(problems)
-        warmup = settings.warmup
-        thresholds: list[float | None] = [None] * len(problems)
+        waves = [TraceWaves(settings) for _ in problems]
+        live: dict[str, _Trace] = {}  # request id -> trace in flight
         stats = LoopStats()
+        on_client = settings.signal == "topk_conf"  # DeepConf's way: the client computes and cuts
+        top_k = self.top_k_conf if on_client else 0
 
         def threshold_of(p: int, k: int) -> float | None:
-            """The threshold a trace runs under: none in the warm-up, else the problem's minus the margin."""
-            base = thresholds[p]
-            return base - ROUNDING_MARGIN if k >= warmup and base is not None else None
+            """The threshold the processor cuts trace k at: the problem's minus the margin (None: uncut)."""
+            base = waves[p].threshold_of(k)
+            return None if base is None or on_client else base - ROUNDING_MARGIN
 
-        def add(p: int, k: int) -> None:
-            threshold = threshold_of(p, k)
-            extra = None
-            if threshold is not None:
-                extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
-                                          "window": settings.window, "min_new_tokens": settings.window,
-                                          "top_k_conf": self.top_k_conf}}
-            params = SamplingParams(temperature=self.temperature, seed=self.seed * 1_000_003 + p * K + k,
-                                    max_tokens=settings.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
-                                    logprobs=0, extra_args=extra, detokenize=False,
-                                    output_kind=RequestOutputKind.CUMULATIVE)
-            rid = f"{tag}-{p}-{k}"
-            engine.add_request(rid, prompts[p], params)
-            in_flight[p][rid] = k
+        def submit(p: int) -> None:
+            for k in waves[p].start():
+                threshold = threshold_of(p, k)
+                extra = None
+                if threshold is not None:
+                    extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
+                                              "window": settings.window, "min_new_tokens": settings.window,
+                                              "top_k_conf": self.top_k_conf}}
+                params = SamplingParams(temperature=self.temperature, seed=self.seed * 1_000_003 + p * K + k,
+                                        max_tokens=settings.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
+                                        logprobs=top_k, extra_args=extra, detokenize=False,
+                                        output_kind=RequestOutputKind.DELTA)
+                rid = f"{tag}-{p}-{k}"
+                engine.add_request(rid, prompts[p], params)
+                live[rid] = _Trace(p, k, top_k)
 
-        def admit(p: int) -> None:
-            """Add the problem's next traces: waves of wave_size (0: all), the
-            warm-up traces first and alone, the next wave once the last has ended."""
-            if settled[p] or not queued[p] or (settings.wave_size and in_flight[p]):
+        def client_cut(rid: str) -> None:
+            """Aborts the trace once a window mean of its confidence is below the threshold."""
+            t = live[rid]
+            threshold = waves[t.problem].threshold_of(t.trace)
+            if threshold is None:
                 return
-            n = settings.wave_size or len(queued[p])
-            started = len(results[p].traces) + len(in_flight[p])
-            if started < warmup:
-                n = min(n, warmup - started)
-            elif thresholds[p] is None and warmup and len(results[p].traces) < warmup:
-                return  # the warm-up has not ended: no threshold yet
-            for k in queued[p][:n]:
-                add(p, k)
-            del queued[p][:n]
+            n = cut_length(np.array(t.confs, dtype=np.float64), threshold, window=settings.window,
+                           min_new_tokens=settings.window, last_evaluated=True)
+            if n is not None:
+                engine.abort_request([rid])
+                t.truncate(n)  # the trace as the rule cut it (a step may return more than one token)
+                end(rid, StopReason.LOW_CONFIDENCE)
 
-        def finish(p: int, k: int, token_ids, logprobs, reason: StopReason) -> None:
-            values = np.array([lp[t].logprob for t, lp in zip(token_ids, logprobs or [])], dtype=np.float64)
-            if settings.signal != "logprob" or len(values) != len(token_ids):
-                values = np.full(len(token_ids), math.nan)
+        def end(rid: str, reason: StopReason) -> None:
+            t = live.pop(rid)
+            p, k = t.problem, t.trace
+            values = np.array(t.confs if on_client else t.logprobs, dtype=np.float64)
+            logprobs = np.array(t.logprobs, dtype=np.float64)
             threshold = threshold_of(p, k)
             # the rule fired on some token before the last: the processor forced the end token
             # (at the next step, or one later when async scheduling delays the token's value)
@@ -218,68 +260,51 @@ class VLLMParallelSampler:
                     and cut_length(values[:-1], threshold, window=settings.window, min_new_tokens=settings.window,
                                    last_evaluated=True) is not None):
                 reason = StopReason.LOW_CONFIDENCE
-            answer = self.task.answer_of(token_ids) if reason in VOTING_REASONS else None
-            lwm = lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window)
-            results[p].traces.append(TraceResult(
-                problem=p, trace=k, reason=reason, num_tokens=len(token_ids), answer=answer,
-                correct=answer is not None and answer == results[p].reference, min_window_mean=lwm,
-                mean_logprob=float(values.mean()) if len(values) else math.nan))
+            answer = self.task.answer_of(t.token_ids) if reason in VOTING_REASONS else None
+            trace = TraceResult(
+                problem=p, trace=k, reason=reason, num_tokens=len(t.token_ids), answer=answer,
+                correct=answer is not None and answer == results[p].reference,
+                min_window_mean=lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window),
+                mean_logprob=float(logprobs.mean()) if len(logprobs) else math.nan)
+            if settings.vote == "deepconf":
+                trace.lowest_conf = lowest_group_confidence(trace.min_window_mean,
+                                                            float(values.mean()) if len(values) else math.nan)
+            results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
-
-        def after_finish(p: int) -> None:
-            done = len(results[p].traces)
-            if warmup and done == warmup and thresholds[p] is None and not settled[p]:
-                lows = [t.min_window_mean for t in results[p].traces if not math.isnan(t.min_window_mean)]
-                thresholds[p] = results[p].threshold = warmup_threshold(lows, settings.keep_percent) if lows else None
-            remaining = K - done
-            if settings.consensus is not None and remaining and not settled[p]:
-                answers = [t.answer for t in sorted(results[p].traces, key=lambda t: t.trace) if t.votes]
-                if vote_settled(answers, rule=settings.consensus, threshold=settings.consensus_threshold,
-                                remaining=remaining):
-                    settled[p] = True
-                    ids = list(in_flight[p])
-                    if ids:
-                        engine.abort_request(ids)
-                    for rid in ids:
-                        k = in_flight[p].pop(rid)
-                        results[p].traces.append(TraceResult(
-                            problem=p, trace=k, reason=StopReason.GROUP_CONSENSUS,
-                            num_tokens=tokens_so_far.pop(rid, 0), answer=None, correct=False,
-                            min_window_mean=math.nan, mean_logprob=math.nan))
-                    for k in queued[p]:
-                        results[p].traces.append(TraceResult(
-                            problem=p, trace=k, reason=StopReason.GROUP_CONSENSUS, num_tokens=0, answer=None,
-                            correct=False, min_window_mean=math.nan, mean_logprob=math.nan))
-                    queued[p].clear()
-            admit(p)
+            if results[p].end_trace(waves[p], settings, trace):
+                siblings = [r for r, s in live.items() if s.problem == p]
+                if siblings:
+                    engine.abort_request(siblings)
+                for r in siblings:
+                    s = live.pop(r)
+                    results[p].traces.append(TraceResult(
+                        problem=p, trace=s.trace, reason=StopReason.GROUP_CONSENSUS, num_tokens=len(s.token_ids),
+                        answer=None, correct=False, min_window_mean=math.nan, mean_logprob=math.nan))
+            submit(p)
 
         t0 = time.perf_counter()
         for p in range(len(problems)):
-            queued[p] = list(range(K))
-            admit(p)
+            submit(p)
         while engine.has_unfinished_requests():
             outputs = engine.step()
             stats.steps += 1
             for out in outputs:
-                p, k = (int(v) for v in out.request_id.rsplit("-", 2)[1:])
-                if out.request_id not in in_flight[p]:
+                t = live.get(out.request_id)
+                if t is None:
                     continue  # aborted: already recorded
                 comp = out.outputs[0]
-                tokens_so_far[out.request_id] = len(comp.token_ids)
-                if not out.finished:
-                    continue
-                del in_flight[p][out.request_id]
-                tokens_so_far.pop(out.request_id, None)
-                reason = StopReason.MAX_TOKENS if comp.finish_reason == "length" else StopReason.EOS
-                finish(p, k, list(comp.token_ids), comp.logprobs, reason)
-                after_finish(p)
+                t.extend(comp.token_ids, comp.logprobs)
+                if out.finished:
+                    end(out.request_id, StopReason.MAX_TOKENS if comp.finish_reason == "length" else StopReason.EOS)
+                elif on_client:
+                    client_cut(out.request_id)
         stats.wall_s = time.perf_counter() - t0
         missing = [p for p, r in enumerate(results) if len(r.traces) != K]
         if missing:
             raise RuntimeError(f"VLLMParallelSampler: problems {missing[:5]} did not end all {K} traces")
         for problem in results:
-            problem.vote(settings.weighting)
+            problem.count_votes(settings)
         run = RunResult(settings=settings, problems=results, loop=stats)
         stats.tokens = run.tokens
         return run

@@ -21,7 +21,8 @@ from ..signals import signals
 from ..signals_types import MAX_TOP_K_CONF
 from ..stepper import HostSignals
 
-__all__ = ["RowTable", "HaltwiseSettings", "parse_settings", "end_token", "EXTRA_ARGS_KEY", "SETTING_KEYS"]
+__all__ = ["RowTable", "HaltwiseSettings", "parse_settings", "end_token", "topk_confidence", "EXTRA_ARGS_KEY",
+           "SETTING_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,15 @@ def parse_settings(params) -> HaltwiseSettings | None:
         raise ValueError(f"{where}: use the haltwise key min_new_tokens instead of min_tokens "
                          f"(min_tokens masks the end token that a cut forces), got min_tokens={params.min_tokens}")
     return HaltwiseSettings(stop=stop, top_k_conf=top_k_conf)
+
+
+def topk_confidence(logprobs, k: int) -> float:
+    """DeepConf's token confidence (haltwise's ``topk_conf``, docs/signals.md) from the
+    log-probabilities vLLM returns for one token (``logprobs=k``: the top k, plus the
+    sampled token when it is not among them): minus the mean of the k largest finite
+    ones, 0.0 when there are none. Higher = more confident."""
+    top = sorted((v for v in logprobs if math.isfinite(v)), reverse=True)[:k]
+    return -math.fsum(top) / len(top) if top else 0.0
 
 
 def end_token(params) -> int | None:
