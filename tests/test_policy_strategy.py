@@ -101,24 +101,32 @@ def test_strategy_arguments_are_checked():
         PolicyConfig(traces=8, strategies=((2, None, 1.0, "majority"),))
 
 
+SMALL = dict(epsilon=0.2, epsilon_overload=0.3, traces=K, warmup_requests=2, min_evidence=15, evidence_window=100,
+             control_boost=0.5, control_fraction=0.3, grid_size=6, evaluate_every=2, raise_interval=1, cooldown=5,
+             window=WINDOW, min_new_tokens=2)
+
+
+def _agreeing_stream(policy: Policy, requests: int, seed: int) -> list:
+    """Labelled requests whose traces all give the right answer (7): no
+    candidate can harm. Returns the plans."""
+    rng = np.random.default_rng(seed)
+    plans = []
+    for rid in range(requests):
+        plan = policy.plan(rid)
+        plans.append(plan)
+        policy.observe(rid, [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
+                                          signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
+                             for _ in range(plan.traces)])
+        policy.feedback(rid, True, reference=7)
+    return plans
+
+
 def test_a_certified_consensus_strategy_is_put_in_force():
     """Every trace agrees with the reference: no strategy can harm, so the one
     that saves most (waves + consensus) is certified and reached."""
-    cfg = PolicyConfig(epsilon=0.2, epsilon_overload=0.3, traces=K, warmup_requests=2, min_evidence=15, evidence_window=100,
-                       control_boost=0.5, control_fraction=0.3, grid_size=6, evaluate_every=2, raise_interval=1,
-                       cooldown=5, window=WINDOW, min_new_tokens=2,
-                       strategies=((2, "unbeatable", 1.0, "majority"), (2, "beta", 0.9, "majority")))
+    cfg = PolicyConfig(**SMALL, strategies=((2, "unbeatable", 1.0, "majority"), (2, "beta", 0.9, "majority")))
     policy = Policy(cfg)
-    rng = np.random.default_rng(0)
-    strategies = []
-    for rid in range(150):
-        plan = policy.plan(rid)
-        strategies.append(plan.strategy)
-        traces = [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
-                               signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
-                  for _ in range(plan.traces)]
-        policy.observe(rid, traces)
-        policy.feedback(rid, True, reference=7)
+    strategies = [p.strategy for p in _agreeing_stream(policy, 150, 0)]
     assert strategies[-1] == Strategy(K, 2, "beta", 0.9), [s.name for s in strategies[-5:]]
     assert any(a["field"] == "strategy" for a in policy.audit())
     assert policy.thresholds()[""]["strategy"] == "K=8, waves of 2, beta 0.9"
@@ -133,23 +141,11 @@ def test_a_deepconf_warmup_strategy_is_one_candidate_with_its_own_threshold():
     """A DeepConf warm-up strategy sets its threshold per problem: it is
     certified as one candidate (no grid threshold), and a plan under it runs
     no fixed threshold."""
-    cfg = PolicyConfig(epsilon=0.2, epsilon_overload=0.3, traces=K, warmup_requests=2, min_evidence=15,
-                       evidence_window=100, control_boost=0.5, control_fraction=0.3, grid_size=6, evaluate_every=2,
-                       raise_interval=1, cooldown=5, window=WINDOW, min_new_tokens=2,
-                       strategies=((0, None, 1.0, "majority", 2, 10.0),))
+    cfg = PolicyConfig(**SMALL, strategies=((0, None, 1.0, "majority", 2, 10.0),))
     assert cfg.strategy_rows[-1] == Strategy(K, consensus_threshold=1.0, warmup=2, keep_percent=10.0)
     assert "DeepConf warm-up 2 keep 10%" in cfg.strategy_rows[-1].name
     policy = Policy(cfg)
-    rng = np.random.default_rng(1)
-    plans = []
-    for rid in range(150):
-        plan = policy.plan(rid)
-        plans.append(plan)
-        traces = [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
-                               signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
-                  for _ in range(plan.traces)]
-        policy.observe(rid, traces)
-        policy.feedback(rid, True, reference=7)
+    plans = _agreeing_stream(policy, 150, 1)
     certified = policy._buckets[""].last_eval["strategies_certified"]
     assert certified[cfg.strategy_rows[-1].name] == 1  # its "no grid threshold" column only
     under = [p for p in plans if p.kind == "policy" and p.strategy.warmup]
@@ -160,21 +156,10 @@ def test_fewer_traces_can_be_certified_for_normal_operation():
     """fewer_traces="always": a fewer-trace option is a normal-mode strategy
     of its own (one more test path); when it is certified and saves most,
     plans run that many traces."""
-    kwargs = dict(epsilon=0.2, epsilon_overload=0.3, traces=K, overload_traces=(2,), warmup_requests=2,
-                  min_evidence=15, evidence_window=100, control_boost=0.5, control_fraction=0.3, grid_size=6,
-                  evaluate_every=2, raise_interval=1, cooldown=5, window=WINDOW, min_new_tokens=2, strategies=())
+    kwargs = dict(SMALL, overload_traces=(2,), strategies=())
     assert PolicyConfig(**kwargs).normal_rows == ()
     cfg = PolicyConfig(**kwargs, fewer_traces="always")
     assert cfg.normal_rows == (1,)
-    policy = Policy(cfg)
-    rng = np.random.default_rng(2)
-    plans = []
-    for rid in range(150):
-        plan = policy.plan(rid)
-        plans.append(plan)
-        policy.observe(rid, [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
-                                          signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
-                             for _ in range(plan.traces)])
-        policy.feedback(rid, True, reference=7)
+    plans = _agreeing_stream(Policy(cfg), 150, 2)
     last = [p for p in plans[-20:] if p.kind == "policy"]
     assert last and all(p.traces == 2 and p.strategy == Strategy(2) for p in last)
