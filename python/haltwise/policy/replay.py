@@ -361,8 +361,10 @@ def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, p
     """The best single static strategy in hindsight among (trace count K' in
     the config's trace options) x (fixed cut threshold): the one with the
     fewest tokens whose vote EM over the stream is >= the uncut K-trace EM -
-    epsilon. Waves and group consensus are not replayed here (the bank's
-    traces carry no finish order). "tokens": that strategy's tokens per request."""
+    epsilon. The consensus strategies (policy/strategy.py replays them
+    exactly) are not searched here: a fine threshold grid times every
+    request would cost minutes per run. "tokens": that strategy's tokens per
+    request."""
     base_right = None
     best = None
     for K in pc.trace_options:
@@ -377,7 +379,7 @@ def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, p
         if best is None or tokens[:, j].sum() < best[0].sum():
             best = (tokens[:, j], K, None if j == 0 else float(thresholds[j]), float(em[j]))
     per_request, K, threshold, em = best
-    return {"strategies": "trace count x fixed cut threshold (waves and consensus not replayed)",
+    return {"strategies": "trace count x fixed cut threshold (consensus strategies not searched)",
             "traces": int(K), "threshold": threshold, "em": em, "em_uncut": float(base_right.mean()),
             "saved": float(1.0 - per_request.sum() / base_tokens.sum()),
             "tokens": [int(t) for t in per_request]}
