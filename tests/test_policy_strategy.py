@@ -130,6 +130,13 @@ def test_a_certified_consensus_strategy_is_put_in_force():
     assert strategies[-1] == Strategy(K, 2, "beta", 0.9), [s.name for s in strategies[-5:]]
     assert any(a["field"] == "strategy" for a in policy.audit())
     assert policy.thresholds()[""]["strategy"] == "K=8, waves of 2, beta 0.9"
+    # the report shows the candidates of the strategy in force: fewer tokens than the plain run's
+    report = policy.report()["buckets"][""]
+    stats = policy._stats(policy._buckets[""])
+    chosen = report["candidates"]["chosen"]
+    row, index = len(cfg.trace_options) + 1, policy._buckets[""].normal.index  # the Beta strategy's row
+    assert chosen["tokens"] == pytest.approx(stats.tokens[row, index + 1])
+    assert chosen["tokens"] < stats.tokens[0, 0]
     # a caller that queues every trace at once (the Stepper) gets the plain strategy's certified value instead
     plain = next(p for p in (policy.plan(1000 + i, consensus=False) for i in range(20)) if p.kind == "policy")
     bucket = policy._buckets[""]

@@ -1230,8 +1230,10 @@ class Policy:
                 entry = self.thresholds()[name]
                 ev = dict(b.last_eval)
                 stats = self._stats(b) if b.frozen else None
+                own = self._cfg(name)  # the bucket's request class's config (its epsilon)
                 if stats is not None and stats.n:
-                    table = stats.table(0, [None] + list(b.grid), cfg)
+                    # the candidates of the strategy in force around its threshold
+                    table = stats.table(b.normal.strategy, [None] + list(b.grid), own)
                     idx = b.normal.index
                     rows = {}
                     for label, j in (("lower", idx - 1), ("chosen", idx), ("higher", idx + 1)):
@@ -1241,7 +1243,7 @@ class Policy:
                 fail = dict(ev["first_uncertified"]) if ev.get("first_uncertified") else None
                 if fail is not None and ev.get("n"):
                     ev["first_uncertified"] = fail
-                    fail["p_value"] = ltt.p_value(ev["test"], fail["harms"], fail["helps"], ev["n"], cfg.epsilon)
+                    fail["p_value"] = ltt.p_value(ev["test"], fail["harms"], fail["helps"], ev["n"], own.epsilon)
                 entry["last_eval"] = ev
                 if b.shadow or b.shadow_counts.requests:
                     entry["shadow_summary"] = summarize_shadow(b.shadow_counts, delta=cfg.delta)
