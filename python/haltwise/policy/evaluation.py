@@ -65,10 +65,9 @@ def choose(sets: Mapping[str, Sequence[int]], *, gain: Callable[[int, int], floa
         if getattr(strategy_rows[r], "warmup", 0):
             rows[r] = [c for c in rows[r] if c == -1]
     row_now, index_now = in_force
-    if guard is not None:
-        rows = {0: [c for c in rows.get(0, []) if row_now == 0 and c < index_now]}
-        if row_now:
-            rows[row_now] = [c for c in normal_rows(sets).get(row_now, []) if c < index_now]
+    if guard is not None:  # step back: only the candidates of the row in force below the value in force
+        below = [c for c in rows.get(row_now, []) if c < index_now]
+        rows = {0: [], row_now: below}  # (row_now may be 0 itself)
     pairs = [(0, -1)] + [(r, c) for r, cs in rows.items() for c in cs]
 
     def score(rc: tuple[int, int]) -> tuple[float, int]:

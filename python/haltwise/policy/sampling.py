@@ -60,7 +60,8 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
     def done(p: int, result: ProblemResult) -> None:
         traces = sorted(result.traces, key=lambda t: t.trace)
         outcomes = [TraceOutcome(answer=t.answer, num_tokens=t.num_tokens, reason=int(t.reason),
-                                 signal=None if t.signals is None else oriented(t.signals, cfg.signal),
+                                 signal=None if t.signals is None else
+                                 oriented_signal(t.signals, cfg.signal, np.float32),
                                  mean_logprob=t.mean_logprob, would_stop_step=t.would_stop_step,
                                  would_stop_reason=t.would_stop_reason) for t in traces]
         served = policy.observe(request_offset + p, outcomes)
@@ -71,11 +72,6 @@ def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *
             policy.feedback(request_offset + p, result.correct, reference=int(result.reference))
 
     return sampler.run(problems, settings, plan=plan, done=done, max_problems=chunk, progress=progress)
-
-
-def oriented(signals: dict, name: str) -> np.ndarray:
-    """A recorded trace's per-token values of the policy's signal, higher = more confident."""
-    return oriented_signal(signals, name, np.float32)
 
 
 def calibrate_from_run(policy: Policy, run: RunResult, problems: Sequence, *,
@@ -93,7 +89,7 @@ def calibrate_from_run(policy: Policy, run: RunResult, problems: Sequence, *,
         if any(t.signals is None for t in result.traces[: cfg.traces]):
             raise ValueError("calibrate_from_run: the run must record signals (EarlyStopSettings.record_signals)")
         outcomes = [TraceOutcome(answer=t.answer, num_tokens=t.num_tokens, reason=int(t.reason),
-                                 signal=oriented(t.signals, cfg.signal),
+                                 signal=oriented_signal(t.signals, cfg.signal, np.float32),
                                  mean_logprob=t.mean_logprob)
                     for t in result.traces[: cfg.traces]]
         _calibrate_one(policy, request_offset + i, key(problem), outcomes, int(result.reference))
