@@ -7,8 +7,9 @@
 #
 #   bash .ci/vllm.sh [dist/haltwise-*.whl]
 #
-# Environment: VLLM_VENV (default: a fresh directory under ${TMPDIR:-/tmp}),
-# PYTHON (default: python3).
+# Environment: VLLM_VENV (default: build/vllm/venv in this checkout, recreated
+# each run, so repeated runs reuse one place on disk instead of leaving a
+# 3.5 GB venv behind each time), PYTHON (default: python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -18,7 +19,12 @@ if [[ -n "$wheel" && ! -f "$wheel" ]]; then
   exit 2
 fi
 start=$(date +%s)
-venv=${VLLM_VENV:-$(mktemp -d "${TMPDIR:-/tmp}/haltwise-vllm.XXXXXX")/venv}
+if [[ -n "${VLLM_VENV:-}" ]]; then
+  venv=$VLLM_VENV
+else
+  venv=$root/build/vllm/venv
+  rm -rf "$venv"
+fi
 "${PYTHON:-python3}" -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install --upgrade pip
@@ -37,7 +43,8 @@ fi
 "$py" -c "import torch, vllm, haltwise.integrations.vllm; print('torch', torch.__version__, 'vllm', vllm.__version__)"
 
 # From a directory where ./python is not importable, so the installed package is tested.
-cd "$(mktemp -d)"
+rundir=$root/build/vllm/run
+rm -rf "$rundir" && mkdir -p "$rundir" && cd "$rundir"
 set +e
 # vLLM leaves a zmq context to the garbage collector at exit; that ResourceWarning
 # (raised as an unraisable-exception warning) says nothing about the tests.
