@@ -138,6 +138,67 @@ def test_parallel_sampler_on_vllm_waves_consensus_and_abort(llm):
     assert run.em >= uncut.em - 0.25  # 8 problems: a loose sanity bound; the benchmark measures it properly
 
 
+def test_per_problem_plans_on_vllm_record_shadow_and_cut(llm):
+    """The driver's plan / done hooks (what the adaptive policy runs on): each problem
+    is planned once when it starts, at most max_problems in flight, and reported once
+    with its vote counted. A plan that records signals returns each trace's sampled
+    logprobs (as many as its tokens); a shadow plan cuts nothing and says where the
+    rule would have stopped, which is where the engine cuts the same trace under the
+    same threshold; a plan may not run more traces than the run."""
+    import dataclasses
+    import math
+
+    from haltwise.decoding.parallel import EarlyStopSettings, ProblemPlan
+    from haltwise.integrations.vllm import VLLMParallelSampler
+    from haltwise.scheduler import StopConfig, StopReason
+    from haltwise.tasks.adapters import ArithTask
+
+    K, problems = 6, PROBLEMS[:6]
+    settings = EarlyStopSettings(traces=K, window=8, max_new_tokens=112)
+    stop = StopConfig(eos_ids=(arith.EOS_ID,), low_conf_signal="logprob", window=8, min_new_tokens=8)
+    threshold = CUT["low_conf_threshold"]
+    plans = {  # problem -> plan; problems 3..5 repeat 0..2 with the threshold in force
+        0: ProblemPlan(settings, dataclasses.replace(stop, record_signals=True)),
+        1: ProblemPlan(dataclasses.replace(settings, threshold=threshold), dataclasses.replace(stop, shadow=True)),
+        2: ProblemPlan(dataclasses.replace(settings, threshold=threshold, traces=4), stop),
+    }
+    sampler = VLLMParallelSampler(llm, ArithTask(), seed=5)
+    in_flight, planned, reported = set(), [], []
+
+    def plan(p):
+        assert len(in_flight) < 2, "more than max_problems problems in flight"
+        in_flight.add(p)
+        planned.append(p)
+        return plans[p % 3]
+
+    def done(p, result):
+        in_flight.discard(p)
+        reported.append(p)
+        assert result.answer == result.vote("majority")
+
+    run = sampler.run(problems, settings, plan=plan, done=done, max_problems=2)
+    assert sorted(planned) == sorted(reported) == list(range(len(problems)))
+    recorded, shadowed, cut = run.problems[0], run.problems[1], run.problems[2]
+    for t in recorded.traces:
+        assert t.signals is not None and len(t.signals["logprob"]) == t.num_tokens > 0
+        assert all(math.isfinite(v) and v <= 0 for v in t.signals["logprob"])
+        assert t.reason != StopReason.LOW_CONFIDENCE
+    assert sorted(t.trace for t in cut.traces) == list(range(4))
+    assert all(t.reason != StopReason.LOW_CONFIDENCE for t in shadowed.traces)
+    would = {t.trace: t.would_stop_step for t in shadowed.traces}
+    assert any(step != -1 for step in would.values()) and any(step == -1 for step in would.values())
+    # problem 1 again with the same seeds (same index, same K), the threshold now in force in the engine
+    cut_plan = ProblemPlan(dataclasses.replace(settings, threshold=threshold), stop)
+    same = sampler.run(problems[:2], settings, plan=lambda p: plans[0] if p == 0 else cut_plan)
+    for t in same.problems[1].traces:
+        assert (t.reason == StopReason.LOW_CONFIDENCE) == (would[t.trace] != -1), t
+        if t.reason == StopReason.LOW_CONFIDENCE:
+            assert would[t.trace] <= t.num_tokens <= would[t.trace] + 2  # the forced end token, maybe a step late
+    too_many = ProblemPlan(dataclasses.replace(settings, traces=K + 1), stop)
+    with pytest.raises(ValueError, match=r"plan\(0\) runs 7 traces, more than settings.traces=6"):
+        sampler.run(problems[:1], settings, plan=lambda p: too_many)
+
+
 def test_deepconf_on_vllm_cuts_on_the_client(llm):
     """The DeepConf baselines on vLLM, DeepConf's way: top-20 logprobs to the client,
     the warm-up threshold and the cut computed there, the cut trace aborted. Warm-up
@@ -203,16 +264,16 @@ def test_returned_logprobs_are_the_model_distribution_whatever_the_temperature(l
 
 
 def test_vllm_bench_writes_the_bench_json(llm):
-    """The vLLM engine's bench JSON: the runs of default_runs under their keys with
-    run_row's fields; the one it cannot do (the policy) under "skipped" with why."""
+    """The vLLM engine's bench JSON: the runs of default_runs and the adaptive policy
+    under their keys with run_row's fields; nothing skipped."""
     from haltwise.benchmarks.decode import DecodeBenchConfig, bench_payload
     from haltwise.benchmarks.vllm_engine import engine_runs
 
     cfg = DecodeBenchConfig(problems=2, traces=4, max_new_tokens=112, throughput_problems=0)
     results, skipped = engine_runs(llm, PROBLEMS[:2], cfg)
     payload = bench_payload("vllm", cfg, results, skipped)
-    assert [r["key"] for r in payload["runs"]] == ["uncut", "deepconf_low", "deepconf_high", "static"]
-    assert list(payload["skipped"]) == ["policy"] and "plan" in payload["skipped"]["policy"]
+    assert [r["key"] for r in payload["runs"]] == ["uncut", "deepconf_low", "deepconf_high", "static", "policy"]
+    assert payload["skipped"] == {}
     fields = ["key", "name", "tokens", "saved", "em", "em_single", "em_diff", "em_diff_se", "tokens_per_s", "wall_s",
               "cut_traces", "dropped_traces"]
     assert all(list(r) == fields for r in payload["runs"])

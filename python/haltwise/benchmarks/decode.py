@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..decoding.parallel import EarlyStopSettings, ParallelSampler, RunResult
+from ..decoding.parallel import EarlyStopSettings, ParallelSampler, PlannedSampler, RunResult
 from ..decoding.runners import GPTRunner
 from ..scheduler import StopReason
 from ..tracebank import TraceBank, replay_warmup_cut
@@ -246,7 +246,7 @@ def adaptive_policy_run(cfg: DecodeBenchConfig) -> Callable:
     problems, one policy request per problem, learning from their labels as
     it goes (haltwise.policy.sampling.run_adaptive). Bundled task only."""
 
-    def run(sampler: ParallelSampler, problems, baseline: RunResult, progress=None) -> RunResult:
+    def run(sampler: PlannedSampler, problems, baseline: RunResult, progress=None) -> RunResult:
         from ..policy import Policy, PolicyConfig
         from ..policy.sampling import calibrate_from_bank, run_adaptive
         from ..tracebank import BUNDLED_BANK

@@ -3,11 +3,11 @@
     python -m haltwise.benchmarks.vllm_engine --problems 100 --traces 16 --json /tmp/vllm.json
 
 One engine with HaltwiseLogitsProcessor runs the settings of ``haltwise bench``
-(``default_runs``) through :class:`haltwise.integrations.vllm.VLLMParallelSampler`
-and writes the bench's JSON (``decode.bench_payload``: the same keys and row fields
-as the other engines); a run the driver cannot do is listed under "skipped" with
-the reason (``VLLMParallelSampler.unsupported``; "policy": the adaptive policy
-plans each problem through ParallelSampler's hooks). ``uncut`` and ``static`` cut in
+(``default_runs``) and the adaptive ``policy`` run through
+:class:`haltwise.integrations.vllm.VLLMParallelSampler` and writes the bench's JSON
+(``decode.bench_payload``: the same keys and row fields as the other engines); a
+run the driver cannot do would be listed under "skipped" with the reason
+(``VLLMParallelSampler.unsupported``). ``uncut``, ``static`` and ``policy`` cut in
 the engine (HaltwiseLogitsProcessor); ``deepconf_low`` / ``deepconf_high`` run
 DeepConf's way, on the client (top-20 logprobs of every token shipped to it, the
 cut an abort), so their tokens/s carry that cost. Those logprobs are vLLM's default
@@ -30,11 +30,6 @@ import json
 import time
 from dataclasses import replace
 from typing import Any
-
-# The adaptive policy plans and observes each problem through ParallelSampler's plan / done hooks
-POLICY_SKIPPED = "the adaptive policy plans each problem through ParallelSampler's plan/done hooks, which " \
-                 "VLLMParallelSampler does not have"
-
 
 def make_engine(processor: bool, max_num_seqs: int, seed: int):
     from vllm import LLM
@@ -71,11 +66,13 @@ def uncut_tokens_per_s(llm, problems, traces: int, max_new: int, *, extra=None, 
 
 
 def engine_runs(llm, problems, cfg, progress=None) -> tuple[list, dict[str, str]]:
-    """default_runs(cfg) on `llm` that the driver can do (uncut first), and
-    {key: why} for those it cannot, the policy run included."""
+    """default_runs(cfg) on `llm` that the driver can do (uncut first), then
+    the adaptive policy (decode.adaptive_policy_run: calibrated on the shipped
+    trace bank, each problem planned and observed through the driver's
+    plan / done hooks), and {key: why} for the runs it cannot do."""
     from ..integrations.vllm import VLLMParallelSampler
     from ..tasks.adapters import ArithTask
-    from .decode import default_runs
+    from .decode import adaptive_policy_run, default_runs
 
     sampler = VLLMParallelSampler(llm, ArithTask(), temperature=cfg.temperature, seed=cfg.seed)
     results, skipped = [], {}
@@ -85,7 +82,7 @@ def engine_runs(llm, problems, cfg, progress=None) -> tuple[list, dict[str, str]
             skipped[settings.key] = why
             continue
         results.append(sampler.run(problems, replace(settings, record_signals=False), progress=progress))
-    skipped["policy"] = POLICY_SKIPPED
+    results.append(adaptive_policy_run(cfg)(sampler, problems, results[0], progress=progress))
     return results, skipped
 
 

@@ -232,6 +232,35 @@ class ProblemPlan:
     stop: StopConfig | None = None
 
 
+class PlannedSampler(Protocol):
+    """A parallel-sampling driver with per-problem plan / done hooks
+    (ParallelSampler here, VLLMParallelSampler on vLLM): what the adaptive
+    policy runs on (policy.sampling.run_adaptive)."""
+
+    task: Task
+
+    def run(self, problems: Sequence, settings: EarlyStopSettings, *,
+            progress: Callable[[int], object] | None = None,
+            plan: Callable[[int], ProblemPlan] | None = None,
+            done: Callable[[int, ProblemResult], object] | None = None,
+            max_problems: int | None = None) -> RunResult: ...
+
+
+def default_stop(settings: EarlyStopSettings, eos_ids: Sequence[int]) -> StopConfig:
+    """The StopConfig of a problem's traces when its plan gives none (its
+    low_conf_threshold is set per trace: TraceWaves.threshold_of)."""
+    return StopConfig(eos_ids=tuple(eos_ids), low_conf_signal=settings.signal, window=settings.window,
+                      min_new_tokens=settings.window, record_signals=settings.record_signals)
+
+
+def check_plan(chosen: ProblemPlan, problem: int, traces: int, where: str) -> None:
+    """A plan may not run more traces than the run's K: trace k of problem p
+    is request p * K + k whatever the plan."""
+    if chosen.settings.traces > traces:
+        raise ValueError(f"{where}: plan({problem}) runs {chosen.settings.traces} traces, more than "
+                         f"settings.traces={traces}")
+
+
 class ParallelSampler:
     """Runs K traces per problem through one DecodeLoop under EarlyStopSettings."""
 
@@ -286,12 +315,9 @@ class ParallelSampler:
 
         def begin(p: int) -> None:
             chosen = plan(p) if plan is not None else ProblemPlan(settings)
+            check_plan(chosen, p, K, "ParallelSampler.run")
             s = chosen.settings
-            if s.traces > K:
-                raise ValueError(f"ParallelSampler.run: plan({p}) runs {s.traces} traces, more than settings.traces={K}")
-            stops[p] = chosen.stop if chosen.stop is not None else StopConfig(
-                eos_ids=tuple(self.task.eos_ids), low_conf_signal=s.signal, window=s.window,
-                min_new_tokens=s.window, record_signals=s.record_signals)
+            stops[p] = chosen.stop if chosen.stop is not None else default_stop(s, self.task.eos_ids)
             settings_of[p] = s
             waves[p] = TraceWaves(s)
             results[p].threshold = waves[p].threshold

@@ -184,7 +184,18 @@ class VLLMParallelSampler:
                     f"from vLLM's top-k logprobs), got {settings.signal!r}")
         return None
 
-    def run(self, problems, settings, progress=None):
+    def run(self, problems, settings, progress=None, *, plan=None, done=None, max_problems=None):
+        """Decode every problem's traces; `progress(n)` is called as traces end.
+        plan / done / max_problems: ParallelSampler.run's per-problem hooks (the
+        adaptive policy plans and observes each problem through them,
+        policy.sampling.run_adaptive): plan(p) is asked when problem p starts,
+        done(p, result) once its vote is counted, and at most max_problems are
+        in flight (None: all). A plan's StopConfig reaches the engine through
+        extra_args (its threshold per trace, signal, window, min_new_tokens);
+        ``shadow`` is evaluated on the client from the returned logprobs (the
+        engine never cuts; would_stop_step says where it would have), and
+        ``record_signals`` returns those logprobs as ``signals["logprob"]`` (and the
+        client's ``signals["topk_conf"]`` when it computes them)."""
         import math
         import time
 
@@ -192,7 +203,8 @@ class VLLMParallelSampler:
         from vllm.sampling_params import RequestOutputKind
 
         from ..decoding.loop import LoopStats
-        from ..decoding.parallel import ProblemResult, RunResult, TraceResult
+        from ..decoding.parallel import (ProblemPlan, ProblemResult, RunResult, TraceResult, check_plan,
+                                         default_stop)
         from ..decoding.waves import TraceWaves
         from ..scheduler import StopReason
         from ..trace_rules import VOTING_REASONS, lowest_group_confidence
@@ -201,6 +213,9 @@ class VLLMParallelSampler:
         why = self.unsupported(settings)
         if why:
             raise ValueError(f"VLLMParallelSampler.run: {why}")
+        limit = len(problems) if max_problems is None else max_problems
+        if limit < 1:
+            raise ValueError(f"VLLMParallelSampler.run: max_problems must be >= 1 or None, got {max_problems}")
 
         engine = self.llm.llm_engine
         K = settings.traces
@@ -208,27 +223,56 @@ class VLLMParallelSampler:
         tag = f"hw{self._run_id}"
         results = [ProblemResult(answer=None, reference=self.task.reference(p), threshold=None) for p in problems]
         prompts = [{"prompt_token_ids": list(self.task.prompt_ids(p))} for p in problems]
-        waves = [TraceWaves(settings) for _ in problems]
+        waves: dict[int, TraceWaves] = {}  # by problem, from when it begins
+        settings_of: dict = {}
+        stops: dict = {}
         live: dict[str, _Trace] = {}  # request id -> trace in flight
         stats = LoopStats()
-        on_client = settings.signal == "topk_conf"  # DeepConf's way: the client computes and cuts
-        top_k = self.top_k_conf if on_client else 0
+        next_problem = 0
+
+        def on_client(p: int) -> bool:
+            """DeepConf's way: the client computes the confidence and cuts."""
+            return settings_of[p].signal == "topk_conf"
+
+        def cut_rule(p: int, values, threshold: float, last_evaluated: bool = True):
+            stop = stops[p]
+            return cut_length(values, threshold, window=stop.window, min_new_tokens=stop.min_new_tokens,
+                              last_evaluated=last_evaluated)
 
         def threshold_of(p: int, k: int) -> float | None:
-            """The threshold the processor cuts trace k at: the problem's minus the margin (None: uncut)."""
+            """The threshold the processor cuts trace k at: the problem's minus the margin
+            (None: uncut, cut on the client, or shadowed)."""
             base = waves[p].threshold_of(k)
-            return None if base is None or on_client else base - ROUNDING_MARGIN
+            return None if base is None or on_client(p) or stops[p].shadow else base - ROUNDING_MARGIN
+
+        def begin(p: int) -> None:
+            chosen = plan(p) if plan is not None else ProblemPlan(settings)
+            check_plan(chosen, p, K, "VLLMParallelSampler.run")
+            s = chosen.settings
+            why = self.unsupported(s)
+            if why:
+                raise ValueError(f"VLLMParallelSampler.run: plan({p}): {why}")
+            stop = chosen.stop if chosen.stop is not None else default_stop(s, self.task.eos_ids)
+            if stop.low_conf_signal != s.signal and (stop.low_conf_threshold is not None or stop.shadow):
+                raise ValueError(f"VLLMParallelSampler.run: plan({p}) cuts on {stop.low_conf_signal!r}; the client "
+                                 f"replays the rule on the settings' signal {s.signal!r}: they must be the same")
+            settings_of[p], stops[p] = s, stop
+            waves[p] = TraceWaves(s)
+            results[p].threshold = waves[p].threshold
+            submit(p)
 
         def submit(p: int) -> None:
+            s, stop = settings_of[p], stops[p]
+            top_k = self.top_k_conf if on_client(p) else 0
             for k in waves[p].start():
                 threshold = threshold_of(p, k)
                 extra = None
                 if threshold is not None:
-                    extra = {EXTRA_ARGS_KEY: {"low_conf_signal": settings.signal, "low_conf_threshold": threshold,
-                                              "window": settings.window, "min_new_tokens": settings.window,
+                    extra = {EXTRA_ARGS_KEY: {"low_conf_signal": s.signal, "low_conf_threshold": threshold,
+                                              "window": stop.window, "min_new_tokens": stop.min_new_tokens,
                                               "top_k_conf": self.top_k_conf}}
                 params = SamplingParams(temperature=self.temperature, seed=self.seed * 1_000_003 + p * K + k,
-                                        max_tokens=settings.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
+                                        max_tokens=s.max_new_tokens, stop_token_ids=list(self.task.eos_ids),
                                         logprobs=top_k, extra_args=extra, detokenize=False,
                                         output_kind=RequestOutputKind.DELTA)
                 rid = f"{tag}-{p}-{k}"
@@ -241,51 +285,75 @@ class VLLMParallelSampler:
             threshold = waves[t.problem].threshold_of(t.trace)
             if threshold is None:
                 return
-            n = cut_length(np.array(t.confs, dtype=np.float64), threshold, window=settings.window,
-                           min_new_tokens=settings.window, last_evaluated=True)
+            n = cut_rule(t.problem, np.array(t.confs, dtype=np.float64), threshold)
             if n is not None:
                 engine.abort_request([rid])
                 t.truncate(n)  # the trace as the rule cut it (a step may return more than one token)
                 end(rid, StopReason.LOW_CONFIDENCE)
 
+        def recorded(p: int, t: _Trace) -> dict:
+            """The per-token signals the client has (Finished.signals' names)."""
+            out = {"logprob": np.array(t.logprobs, dtype=np.float32)}
+            if on_client(p):
+                out["topk_conf"] = np.array(t.confs, dtype=np.float32)
+            return out
+
         def end(rid: str, reason: StopReason) -> None:
             t = live.pop(rid)
             p, k = t.problem, t.trace
-            values = np.array(t.confs if on_client else t.logprobs, dtype=np.float64)
+            s, stop = settings_of[p], stops[p]
+            values = np.array(t.confs if on_client(p) else t.logprobs, dtype=np.float64)
             logprobs = np.array(t.logprobs, dtype=np.float64)
             threshold = threshold_of(p, k)
             # the rule fired on some token before the last: the processor forced the end token
             # (at the next step, or one later when async scheduling delays the token's value)
             if (reason == StopReason.EOS and threshold is not None and len(values) >= 2
-                    and cut_length(values[:-1], threshold, window=settings.window, min_new_tokens=settings.window,
-                                   last_evaluated=True) is not None):
+                    and cut_rule(p, values[:-1], threshold) is not None):
                 reason = StopReason.LOW_CONFIDENCE
             answer = self.task.answer_of(t.token_ids) if reason in VOTING_REASONS else None
             trace = TraceResult(
                 problem=p, trace=k, reason=reason, num_tokens=len(t.token_ids), answer=answer,
                 correct=answer is not None and answer == results[p].reference,
-                min_window_mean=lowest_window_mean(values, window=settings.window, min_new_tokens=settings.window),
-                mean_logprob=float(logprobs.mean()) if len(logprobs) else math.nan)
-            if settings.vote == "deepconf":
+                min_window_mean=lowest_window_mean(values, window=stop.window, min_new_tokens=stop.min_new_tokens),
+                mean_logprob=float(logprobs.mean()) if len(logprobs) else math.nan,
+                signals=recorded(p, t) if stop.record_signals else None)
+            shadowed = waves[p].threshold_of(k) if stop.shadow else None
+            if shadowed is not None:  # where the rule would have stopped this uncut trace
+                step = cut_rule(p, values, shadowed, last_evaluated=False)
+                if step is not None:
+                    trace.would_stop_step, trace.would_stop_reason = step, int(StopReason.LOW_CONFIDENCE)
+            if s.vote == "deepconf":
                 trace.lowest_conf = lowest_group_confidence(trace.min_window_mean,
                                                             float(values.mean()) if len(values) else math.nan)
             results[p].traces.append(trace)
             if progress is not None:
                 progress(1)
-            if results[p].end_trace(waves[p], settings, trace):
-                siblings = [r for r, s in live.items() if s.problem == p]
+            if results[p].end_trace(waves[p], s, trace):
+                siblings = [r for r, x in live.items() if x.problem == p]
                 if siblings:
                     engine.abort_request(siblings)
                 for r in siblings:
-                    s = live.pop(r)
+                    x = live.pop(r)
                     results[p].traces.append(TraceResult(
-                        problem=p, trace=s.trace, reason=StopReason.GROUP_CONSENSUS, num_tokens=len(s.token_ids),
+                        problem=p, trace=x.trace, reason=StopReason.GROUP_CONSENSUS, num_tokens=len(x.token_ids),
                         answer=None, correct=False, min_window_mean=math.nan, mean_logprob=math.nan))
             submit(p)
+            if len(results[p].traces) == s.traces:
+                finish_problem(p)
+
+        def finish_problem(p: int) -> None:
+            nonlocal next_problem
+            results[p].count_votes(settings_of[p])
+            if done is not None:
+                done(p, results[p])
+            if next_problem < len(problems):
+                next_problem += 1
+                begin(next_problem - 1)
 
         t0 = time.perf_counter()
-        for p in range(len(problems)):
-            submit(p)
+        while next_problem < min(limit, len(problems)):
+            next_problem += 1
+            begin(next_problem - 1)
         while engine.has_unfinished_requests():
             outputs = engine.step()
             stats.steps += 1
@@ -297,14 +365,12 @@ class VLLMParallelSampler:
                 t.extend(comp.token_ids, comp.logprobs)
                 if out.finished:
                     end(out.request_id, StopReason.MAX_TOKENS if comp.finish_reason == "length" else StopReason.EOS)
-                elif on_client:
+                elif on_client(t.problem):
                     client_cut(out.request_id)
         stats.wall_s = time.perf_counter() - t0
-        missing = [p for p, r in enumerate(results) if len(r.traces) != K]
+        missing = [p for p, r in enumerate(results) if p not in settings_of or len(r.traces) != settings_of[p].traces]
         if missing:
-            raise RuntimeError(f"VLLMParallelSampler: problems {missing[:5]} did not end all {K} traces")
-        for problem in results:
-            problem.count_votes(settings)
+            raise RuntimeError(f"VLLMParallelSampler: problems {missing[:5]} did not end all their traces")
         run = RunResult(settings=settings, problems=results, loop=stats)
         stats.tokens = run.tokens
         return run

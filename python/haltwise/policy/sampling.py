@@ -22,20 +22,21 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..decoding.parallel import EarlyStopSettings, ParallelSampler, ProblemPlan, ProblemResult, RunResult
+from ..decoding.parallel import EarlyStopSettings, PlannedSampler, ProblemPlan, ProblemResult, RunResult
 from ..scheduler import StopConfig
 from ..trace_rules import oriented_signal
 from ..tracebank import NO_ANSWER, TraceBank
 from .policy import Policy, TraceOutcome
 
 
-def run_adaptive(sampler: ParallelSampler, problems: Sequence, policy: Policy, *,
+def run_adaptive(sampler: PlannedSampler, problems: Sequence, policy: Policy, *,
                  key: Callable[[Any], str | None] = lambda problem: None, max_new_tokens: int = 256,
                  chunk: int = 64, request_offset: int = 0, label: Callable[[int], bool] = lambda index: True,
                  name: str = "policy (adaptive, certified)",
                  progress: Callable[[int], None] | None = None) -> RunResult:
     """Decodes every problem under the policy's plans on the sampler's one
-    parallel decode loop (ParallelSampler.run's per-problem plan hook): at
+    parallel decode loop (the plan / done hooks of ParallelSampler.run, or of
+    VLLMParallelSampler.run on a vLLM engine): at
     most `chunk` problems in flight; each is planned when it starts (its
     trace count, threshold and strategy: waves, consensus, weighting) and
     observed, then labelled, as soon as its traces have ended, so later
