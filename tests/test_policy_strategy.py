@@ -170,3 +170,51 @@ def test_fewer_traces_can_be_certified_for_normal_operation():
     plans = _agreeing_stream(Policy(cfg), 150, 2)
     last = [p for p in plans[-20:] if p.kind == "policy"]
     assert last and all(p.traces == 2 and p.strategy == Strategy(2) for p in last)
+
+
+def _uncertified_plans(policy: Policy, requests: int, **plan_kw) -> list:
+    """Plans of a bucket that gets no labels (nothing is ever certified)."""
+    rng = np.random.default_rng(1)
+    plans = []
+    for rid in range(requests):
+        plan = policy.plan(rid, **plan_kw)
+        plans.append(plan)
+        policy.observe(rid, [TraceOutcome(answer=int(a), num_tokens=12, reason=int(StopReason.EOS),
+                                          signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
+                             for a in rng.integers(0, 3, plan.traces)])
+    return plans
+
+
+def test_a_new_bucket_starts_exact_before_anything_is_certified():
+    """start="exact" (the default): before its bucket is certified a request runs
+    the first unbeatable strategy with no cut, whose vote is the uncut vote; with
+    start="uncut", without such a strategy, or for a caller that cannot run
+    consensus (plan(consensus=False)) it runs all K traces at once."""
+    exact = Strategy(K, 2, "unbeatable", 1.0)
+    strategies = ((2, "beta", 0.9, "majority"), (2, "unbeatable", 1.0, "majority"))
+    assert PolicyConfig().start == "exact"
+    served = [p for p in _uncertified_plans(Policy(PolicyConfig(**SMALL, strategies=strategies)), 40)
+              if p.kind == "policy"]
+    assert served and all(p.strategy == exact and p.threshold is None and p.traces == K and p.how != "certified"
+                          for p in served)
+    for cfg, kw in ((PolicyConfig(**SMALL, strategies=strategies, start="uncut"), {}),
+                    (PolicyConfig(**SMALL, strategies=((2, "beta", 0.9, "majority"),)), {}),
+                    (PolicyConfig(**SMALL, strategies=strategies), {"consensus": False})):
+        served = [p for p in _uncertified_plans(Policy(cfg), 40, **kw) if p.kind == "policy"]
+        assert served and all(p.strategy == Strategy(K) and p.threshold is None for p in served), cfg.start
+
+
+def test_the_unbeatable_vote_is_the_uncut_vote():
+    """What makes start="exact" lose nothing: on any traces (votes, missing votes,
+    ties, lengths) the unbeatable strategy's answer is the vote of all K traces."""
+    from haltwise.voting import weighted_vote
+
+    rng = np.random.default_rng(7)
+    for _ in range(2000):
+        k = int(rng.integers(1, 10))
+        answers = [None if rng.random() < 0.2 else int(rng.integers(0, 3)) for _ in range(k)]
+        lengths = rng.integers(1, 30, k)
+        for wave in (0, 1, 3):
+            strategy = Strategy(k, wave, "unbeatable")
+            answer, _ = replay(strategy, answers, np.ones(k), lengths)
+            assert answer == weighted_vote(answers, None), (answers, lengths.tolist(), wave)

@@ -45,7 +45,7 @@ class PolicyConfig:
     # warm-up, candidates, start
     warmup_requests: int = 8
     keep_percent: float = 90.0
-    start: str = "uncut"
+    start: str = "exact"
     grid_size: int = 40
     grid_low: float = 0.01
     grid_high: float = 0.9
@@ -149,7 +149,7 @@ class PolicyConfig:
         set_("keep_percent", check_float(_WHERE, "keep_percent", self.keep_percent, 0.0, 100.0))
         if self.keep_percent == 0.0:
             raise ValueError(f"{_WHERE}: keep_percent must be in (0, 100], got 0.0")
-        _choice("start", self.start, ("deepconf", "uncut"))
+        _choice("start", self.start, ("deepconf", "exact", "uncut"))
         set_("grid_size", check_int(_WHERE, "grid_size", self.grid_size, 1, 1000))
         set_("grid_low", check_float(_WHERE, "grid_low", self.grid_low, 0.0, 1.0))
         set_("grid_high", check_float(_WHERE, "grid_high", self.grid_high, 0.0, 1.0))
@@ -248,6 +248,19 @@ class PolicyConfig:
         return plain + tuple(Strategy(self.traces, *row) for row in self.strategies)
 
     @property
+    def start_row(self) -> int:
+        """The strategy row a bucket runs, with no cut, before anything is
+        certified: with start="exact" the first "unbeatable" strategy without a
+        warm-up (its vote is the uncut vote: the leader could no longer be
+        overturned); 0 (all K traces, as start="uncut") otherwise or when
+        strategies holds no such strategy."""
+        if self.start != "exact":
+            return 0
+        rows = self.strategy_rows
+        return next((r for r in range(len(self.trace_options), len(rows))
+                     if rows[r].consensus == "unbeatable" and not rows[r].warmup), 0)
+
+    @property
     def normal_rows(self) -> tuple[int, ...]:
         """Strategy rows certified for normal operation besides row 0 (each a Bonferroni path)."""
         fewer = range(1, len(self.trace_options)) if self.fewer_traces == "always" else range(0)
@@ -313,8 +326,10 @@ KNOBS: list[tuple[str, str]] = [
                 "(plan(request_class=...)); epsilon 0 never cuts; None: the config's value."),
     ("warmup_requests", "First requests of a new bucket that run uncut and calibrate it."),
     ("keep_percent", "DeepConf start: the threshold keeps this percent of warm-up traces."),
-    ("start", "Before a bucket (or an ancestor) is certified: 'uncut' (no cut: loses nothing before anything is "
-              "certified) or 'deepconf' (the warm-up percentile, not certified: can lose more than epsilon)."),
+    ("start", "Before a bucket (or an ancestor) is certified: 'exact' (the first 'unbeatable' strategy, no cut: "
+              "its vote is the uncut vote, so it loses nothing and saves the traces that could no longer change "
+              "it; 'uncut' when there is none), 'uncut' (all traces, no cut) or 'deepconf' (the warm-up percentile, not certified: can lose "
+              "more than epsilon)."),
     ("grid_size", "Candidate thresholds per bucket: this many warm-up quantiles plus as many evenly spaced values "
                   "between the first and last."),
     ("grid_low", "Quantile of warm-up lowest window means of the safest candidate."),

@@ -474,7 +474,7 @@ class Policy:
         traces, index, row = cfg.traces, -1, 0
         normal_index = source.normal.index if source is not None and (how == "certified" or
                                                                       cfg.start == "deepconf") else -1
-        normal_row = source.normal.strategy if source is not None and how == "certified" else 0
+        normal_row = source.normal.strategy if source is not None and how == "certified" else cfg.start_row
         overload_values = overload and how == "certified" and any(b.ready and b.overload_ready for b in path)
         if warm:
             kind = "warmup"
@@ -493,7 +493,8 @@ class Policy:
         elif kind == "policy":
             index, row = normal_index, normal_row
             if row != 0 and not consensus:  # the caller cannot run the strategy: the plain one's best certified
-                index, row = max(source.normal.plain_certified, default=-1), 0
+                index = max(source.normal.plain_certified, default=-1) if how == "certified" else -1
+                row = 0
         elif kind == "shadow":
             index = normal_index  # shadow shadows the normal threshold on all K traces at once
         threshold = source.threshold_of(index) if source is not None else None
