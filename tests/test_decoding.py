@@ -85,3 +85,35 @@ def test_cut_trace_leaves_the_batch_and_is_a_prefix(model):
 def test_loop_requires_slots_layout(model):
     with pytest.raises(ValueError, match="layout must be 'slots'"):
         DecodeLoop(GPTRunner(model, 2), Scheduler(2), Stepper(Scheduler(2)))
+
+
+def test_problem_feed_keeps_at_most_max_problems_in_flight_and_reports_each_once():
+    """The problem queue both parallel-sampling drivers share: problems begin in
+    order, at most max_problems at once, the next when one finishes; each finished
+    problem is reported once with its vote counted; a problem that did not end all
+    its traces is an error, as is max_problems < 1."""
+    from haltwise.decoding.parallel import EarlyStopSettings, ProblemFeed, ProblemResult, TraceResult
+
+    results = [ProblemResult(answer=None, reference=3, threshold=None) for _ in range(4)]
+    settings_of: dict = {}
+    begun, reported = [], []
+
+    def begin(p):
+        begun.append(p)
+        settings_of[p] = EarlyStopSettings(traces=1)
+
+    feed = ProblemFeed(results, settings_of, begin, lambda p, r: reported.append((p, r.answer)), 2, "here")
+    feed.start()
+    assert begun == [0, 1]
+    for p in (1, 0, 2, 3):
+        results[p].traces.append(TraceResult(problem=p, trace=0, reason=StopReason.EOS, num_tokens=2, answer=p,
+                                             correct=p == 3, min_window_mean=0.0, mean_logprob=-0.1))
+        feed.finish(p)
+        assert len(begun) - len(reported) <= 2
+    assert begun == [0, 1, 2, 3] and reported == [(1, 1), (0, 0), (2, 2), (3, 3)]
+    feed.check_complete()
+    results[2].traces.clear()
+    with pytest.raises(RuntimeError, match=r"here: problems \[2\] did not end all their traces"):
+        feed.check_complete()
+    with pytest.raises(ValueError, match="here: max_problems must be >= 1 or None, got 0"):
+        ProblemFeed(results, settings_of, begin, None, 0, "here")

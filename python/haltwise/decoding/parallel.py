@@ -246,6 +246,46 @@ class PlannedSampler(Protocol):
             max_problems: int | None = None) -> RunResult: ...
 
 
+class ProblemFeed:
+    """The problems of one run (both drivers): started in order, at most
+    `max_problems` in flight (None: all), the next begun when one finishes;
+    a finished problem's vote is counted and reported (`done`).
+    begin(p) plans and submits problem p and records its settings in
+    `settings_of`."""
+
+    def __init__(self, results: list[ProblemResult], settings_of: dict[int, EarlyStopSettings],
+                 begin: Callable[[int], None], done: Callable[[int, ProblemResult], object] | None,
+                 max_problems: int | None, where: str):
+        self.limit = len(results) if max_problems is None else max_problems
+        if self.limit < 1:
+            raise ValueError(f"{where}: max_problems must be >= 1 or None, got {max_problems}")
+        self.results, self.settings_of, self.begin, self.done, self.where = results, settings_of, begin, done, where
+        self.next = 0
+
+    def _begin_next(self) -> None:
+        self.next += 1
+        self.begin(self.next - 1)
+
+    def start(self) -> None:
+        while self.next < min(self.limit, len(self.results)):
+            self._begin_next()
+
+    def finish(self, p: int) -> None:
+        """Problem p's traces have all ended."""
+        self.results[p].count_votes(self.settings_of[p])
+        if self.done is not None:
+            self.done(p, self.results[p])
+        if self.next < len(self.results):
+            self._begin_next()
+
+    def check_complete(self) -> None:
+        """Every problem began and ended each of its traces once."""
+        missing = [p for p, r in enumerate(self.results)
+                   if p not in self.settings_of or len(r.traces) != self.settings_of[p].traces]
+        if missing:  # every trace ends once (scheduler / engine contract); a broken driver lands here
+            raise RuntimeError(f"{self.where}: problems {missing[:5]} did not end all their traces")
+
+
 def default_stop(settings: EarlyStopSettings, eos_ids: Sequence[int]) -> StopConfig:
     """The StopConfig of a problem's traces when its plan gives none (its
     low_conf_threshold is set per trace: TraceWaves.threshold_of)."""
@@ -302,10 +342,6 @@ class ParallelSampler:
         waves: dict[int, TraceWaves] = {}
         settings_of: dict[int, EarlyStopSettings] = {}
         stops: dict[int, StopConfig] = {}
-        limit = len(problems) if max_problems is None else max_problems
-        if limit < 1:
-            raise ValueError(f"ParallelSampler.run: max_problems must be >= 1 or None, got {max_problems}")
-        next_problem = 0
 
         def submit(p: int) -> None:
             prompt = self.task.prompt_ids(problems[p])
@@ -323,15 +359,6 @@ class ParallelSampler:
             results[p].threshold = waves[p].threshold
             submit(p)
 
-        def finish_problem(p: int) -> None:
-            nonlocal next_problem
-            results[p].count_votes(settings_of[p])
-            if done is not None:
-                done(p, results[p])
-            if next_problem < len(problems):
-                next_problem += 1
-                begin(next_problem - 1)
-
         def on_finished(record: Finished) -> None:
             p, k = divmod(record.request_id, K)
             s = settings_of[p]
@@ -347,13 +374,10 @@ class ParallelSampler:
                 scheduler.settle_group(p)  # in-flight siblings end at their next row (GROUP_CONSENSUS)
             submit(p)
             if len(results[p].traces) == s.traces:
-                finish_problem(p)
+                feed.finish(p)
 
-        while next_problem < min(limit, len(problems)):
-            next_problem += 1
-            begin(next_problem - 1)
+        feed = ProblemFeed(results, settings_of, begin, done, max_problems, "ParallelSampler.run")
+        feed.start()
         loop.run(on_finished)
-        missing = [p for p, r in enumerate(results) if p not in settings_of or len(r.traces) != settings_of[p].traces]
-        if missing:  # pragma: no cover - every trace ends once (scheduler contract)
-            raise RuntimeError(f"ParallelSampler.run: problems {missing[:5]} did not end all their traces")
+        feed.check_complete()
         return RunResult(settings=settings, problems=results, loop=loop.stats)

@@ -203,7 +203,7 @@ class VLLMParallelSampler:
         from vllm.sampling_params import RequestOutputKind
 
         from ..decoding.loop import LoopStats
-        from ..decoding.parallel import (ProblemPlan, ProblemResult, RunResult, TraceResult, check_plan,
+        from ..decoding.parallel import (ProblemFeed, ProblemPlan, ProblemResult, RunResult, TraceResult, check_plan,
                                          default_stop)
         from ..decoding.waves import TraceWaves
         from ..scheduler import StopReason
@@ -213,9 +213,6 @@ class VLLMParallelSampler:
         why = self.unsupported(settings)
         if why:
             raise ValueError(f"VLLMParallelSampler.run: {why}")
-        limit = len(problems) if max_problems is None else max_problems
-        if limit < 1:
-            raise ValueError(f"VLLMParallelSampler.run: max_problems must be >= 1 or None, got {max_problems}")
 
         engine = self.llm.llm_engine
         K = settings.traces
@@ -228,7 +225,6 @@ class VLLMParallelSampler:
         stops: dict = {}
         live: dict[str, _Trace] = {}  # request id -> trace in flight
         stats = LoopStats()
-        next_problem = 0
 
         def on_client(p: int) -> bool:
             """DeepConf's way: the client computes the confidence and cuts."""
@@ -339,21 +335,11 @@ class VLLMParallelSampler:
                         answer=None, correct=False, min_window_mean=math.nan, mean_logprob=math.nan))
             submit(p)
             if len(results[p].traces) == s.traces:
-                finish_problem(p)
+                feed.finish(p)
 
-        def finish_problem(p: int) -> None:
-            nonlocal next_problem
-            results[p].count_votes(settings_of[p])
-            if done is not None:
-                done(p, results[p])
-            if next_problem < len(problems):
-                next_problem += 1
-                begin(next_problem - 1)
-
+        feed = ProblemFeed(results, settings_of, begin, done, max_problems, "VLLMParallelSampler.run")
         t0 = time.perf_counter()
-        while next_problem < min(limit, len(problems)):
-            next_problem += 1
-            begin(next_problem - 1)
+        feed.start()
         while engine.has_unfinished_requests():
             outputs = engine.step()
             stats.steps += 1
@@ -368,9 +354,7 @@ class VLLMParallelSampler:
                 elif on_client(t.problem):
                     client_cut(out.request_id)
         stats.wall_s = time.perf_counter() - t0
-        missing = [p for p, r in enumerate(results) if p not in settings_of or len(r.traces) != settings_of[p].traces]
-        if missing:
-            raise RuntimeError(f"VLLMParallelSampler: problems {missing[:5]} did not end all their traces")
+        feed.check_complete()
         run = RunResult(settings=settings, problems=results, loop=stats)
         stats.tokens = run.tokens
         return run
