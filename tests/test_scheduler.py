@@ -936,6 +936,8 @@ def test_requests_beyond_the_limits_are_refused_at_submit(make):
     sched = make(1)
     with pytest.raises(ValueError, match=rf"submit: max_new_tokens must be in \[1, {MAX_NEW_TOKENS}\], got {2**62}"):
         sched.submit(1, max_new_tokens=2**62)
+    with pytest.raises(ValueError, match=rf"submit: max_new_tokens must be in \[1, {MAX_NEW_TOKENS}\], got {10**9}"):
+        sched.submit(1, max_new_tokens=10**9)  # would have reserved gigabytes for one sequence
     with pytest.raises(ValueError, match=rf"StopConfig: window must be in \[1, {MAX_WINDOW}\], got {2**62}"):
         StopConfig(window=2**62)
     assert sched.stats()["submitted"] == 0
