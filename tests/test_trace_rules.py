@@ -16,7 +16,8 @@ from haltwise.decoding.parallel import ProblemResult, TraceResult
 from haltwise.hashing import GOLDEN_GAMMA, splitmix64
 from haltwise.policy.calibration import ENDS_BEFORE_CONFIDENCE, evaluated_length, trace_profile
 from haltwise.policy.config import PolicyConfig
-from haltwise.policy.policy import TraceOutcome, control_draw
+from haltwise.policy.policy import control_draw
+from haltwise.policy.types import TraceOutcome
 from haltwise.policy.replay import BankTraces
 from haltwise.scheduler import StopReason
 from haltwise.stepper import row_seeds

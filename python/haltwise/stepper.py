@@ -22,7 +22,7 @@ from .signals_types import Signals
 
 if TYPE_CHECKING:
     from .policy import Policy
-    from .policy.policy import Plan
+    from .policy.types import Plan
 
 _FIELDS = ("logprob", "entropy", "confidence", "margin", "topk_conf")
 # With a policy, trace k of request r is scheduler request r * TRACE_STRIDE + k (0 <= k < K <= 4096, the most

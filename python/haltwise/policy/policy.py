@@ -46,7 +46,7 @@ from ..scheduler import StopConfig, StopReason, check_bool, check_float, check_i
 from ..voting import weighted_vote
 from . import ltt
 from ..hashing import GOLDEN_GAMMA, MIX_1, MIX_2, splitmix64
-from ..trace_rules import oriented_signal, vote_weight
+from ..trace_rules import vote_weight
 from .anytime import AnytimeState, Certifier, policy_families
 from .buckets import (CLASS_PREFIX, BucketState, SliceCounts, class_of, needs_warmup, normalize_key, path_of,
                       resolve)
@@ -59,95 +59,10 @@ from .load import LoadMonitor, LoadState
 from .shadow import summarize as summarize_shadow
 from .shadow import would_have
 from .store import PolicyDatabaseError, Store
-from .strategy import Strategy
+from .types import SOURCES, Plan, TraceOutcome
 
-KINDS = ("warmup", "control", "shadow", "policy")
-SOURCES = ("label", "user")
 # A control request's traces must have ended on their own for the replay to be exact.
 _NATURAL_ENDS = VOTING_REASONS | {StopReason.INVALID_LOGITS}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to run for one request.
-
-    request_id: the caller's id
-    key:        the request's bucket ("" is the global one)
-    source:     the bucket whose values apply (None: no bucket could say)
-    how:        "certified" (source's own test), "deepconf" (source's warm-up
-                start, not yet certified) or "uncut"
-    kind:       "warmup" / "control" (run uncut, all traces, signals kept:
-                stop.record_signals is set), "shadow" (run uncut, the cut is
-                shadowed: stop.shadow is set) or "policy" (run as planned)
-    stop:       the StopConfig for every trace of the request
-    traces:     how many traces to sample
-    threshold:  the LOW_CONFIDENCE threshold in force (in shadow: the one
-                shadowed); None: no cut
-    overload:   whether the overload budget applies
-    epsilon:    the accuracy budget that certified it
-    strategy:   how its traces run (policy/strategy.py: waves, consensus,
-                weighting); control and warm-up plans run every trace at once
-    """
-
-    request_id: int
-    key: str
-    source: str | None
-    how: str
-    kind: str
-    stop: StopConfig
-    traces: int
-    threshold: float | None
-    overload: bool
-    epsilon: float
-    strategy: Strategy | None = None
-
-    def __post_init__(self):
-        if self.strategy is None:
-            object.__setattr__(self, "strategy", Strategy(self.traces))
-
-    @property
-    def control(self) -> bool:
-        """Run uncut, every trace to its natural end, and report all traces' signals."""
-        return self.kind in ("warmup", "control")
-
-    @property
-    def shadow(self) -> bool:
-        return self.kind == "shadow"
-
-
-@dataclass(frozen=True)
-class TraceOutcome:
-    """One finished trace, as the policy needs it.
-
-    answer:        the extracted answer (None: no parseable answer)
-    num_tokens:    tokens generated
-    reason:        its StopReason (it votes iff EOS, STOP_SEQUENCE, MAX_TOKENS or CONFIDENT)
-    signal:        float ``(num_tokens,)`` values of the policy's oriented
-                   signal (config.signal); required for warm-up and control plans
-    mean_logprob:  for confidence-weighted votes
-    would_stop_step, would_stop_reason: shadow mode records (Finished fields)
-    """
-
-    answer: int | None
-    num_tokens: int
-    reason: int
-    signal: np.ndarray | None = None
-    mean_logprob: float = math.nan
-    would_stop_step: int = -1
-    would_stop_reason: int | None = None
-
-    @classmethod
-    def from_finished(cls, record, answer: int | None, *, signal: str) -> "TraceOutcome":
-        """From a :class:`haltwise.Finished` record (with ``record_signals`` for
-        control plans) and the answer the caller extracted from its tokens."""
-        values = None
-        if getattr(record, "signals", None) is not None:
-            raw = record.signals
-            values = oriented_signal(raw, signal, np.float32)
-        reason = record.would_stop_reason
-        return cls(answer=answer, num_tokens=int(record.num_tokens), reason=int(record.reason), signal=values,
-                   mean_logprob=float(record.mean_logprob), would_stop_step=int(record.would_stop_step),
-                   would_stop_reason=None if reason is None else int(reason))
 
 
 @dataclass

@@ -45,7 +45,8 @@ from ..tracebank import BUNDLED_BANK, NO_ANSWER, TraceBank
 from ..voting import weighted_vote
 from .calibration import TraceProfile, trace_profile, vote_matrix
 from .config import PolicyConfig
-from .policy import Policy, TraceOutcome
+from .policy import Policy
+from .types import TraceOutcome
 from .strategy import deepconf_cut
 from .strategy import run as run_strategy
 

@@ -26,7 +26,8 @@ from ..decoding.parallel import EarlyStopSettings, PlannedSampler, ProblemPlan, 
 from ..scheduler import StopConfig
 from ..trace_rules import oriented_signal
 from ..tracebank import NO_ANSWER, TraceBank
-from .policy import Policy, TraceOutcome
+from .policy import Policy
+from .types import TraceOutcome
 
 
 def run_adaptive(sampler: PlannedSampler, problems: Sequence, policy: Policy, *,
