@@ -38,7 +38,7 @@ class PolicyConfig:
     # (wave_size, consensus, consensus_threshold, weighting) of the consensus strategies certified beside the
     # plain one (K traces at once, no consensus); policy/strategy.py
     strategies: tuple = ((4, "unbeatable", 1.0, "majority"), (4, "beta", 0.95, "majority"),
-                         (4, "beta", 0.8, "majority"))
+                         (8, "beta", 0.99, "majority"))
     # request classes: (name, epsilon, traces) -- each certified on its own with its own budget; epsilon 0 never
     # cuts (every trace runs to its end); None: the config's epsilon / traces
     classes: tuple = (("critical", 0.0, None), ("standard", None, None), ("bulk", 0.05, None))
