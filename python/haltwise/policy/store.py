@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS evidence (
     PRIMARY KEY (bucket, request_id)
 );
 CREATE INDEX IF NOT EXISTS evidence_seq ON evidence(bucket, seq);
+CREATE INDEX IF NOT EXISTS evidence_request ON evidence(request_id);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id INTEGER NOT NULL,
@@ -172,10 +173,23 @@ class Store:
                 if not self.readonly:
                     self.conn.execute("PRAGMA journal_mode=WAL")
                     self.conn.execute(f"PRAGMA synchronous={synchronous}")
+                    self._add_missing_indexes()
         except BaseException:
             self.conn.close()
             raise
         self._data_version = self._read_data_version()
+
+    def _add_missing_indexes(self) -> None:
+        """Indexes added since the file was made (same tables, same schema
+        version); writes only when one is missing."""
+        have = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        missing = [statement for statement in _SCHEMA.split(";")
+                   if statement.strip().startswith("CREATE INDEX IF NOT EXISTS")
+                   and statement.split("EXISTS")[1].split()[0] not in have]
+        if missing:
+            with self.transaction():
+                for statement in missing:
+                    self.conn.execute(statement)
 
     def set_synchronous(self, synchronous: str) -> None:
         if not self.readonly:
