@@ -176,3 +176,30 @@ def test_certify_rejects_bad_input():
         ltt.rejects("z-test", 0, 0, 10, EPS, DELTA)
     with pytest.raises(ValueError, match="p must be in"):
         ltt.binomial_cdf(1, 10, 1.5)
+
+
+def test_the_test_caches_stay_bounded_over_a_stream_of_levels():
+    """The re-test schedule spends a new level at every checkpoint, so cache
+    entries of earlier levels are dead: a long-lived policy must not keep
+    them (the soak's RSS grew ~20-40 bytes per request while rejects() and
+    clopper_pearson_upper() filled caches of 2**18 and 2**16 entries)."""
+    harms, helps = np.arange(8), np.full(8, 5)
+    for j in range(1, 2000):  # far more (level, counts) keys than the bound
+        level = DELTA * 6 / (math.pi ** 2 * j * j)
+        ltt.certified_set(harms, helps, 200, epsilon=EPS, delta=level, test="mcnemar", starts=2)
+    for cached in (ltt.rejects, ltt.clopper_pearson_upper):
+        info = cached.cache_info()
+        assert info.maxsize == ltt.SERVING_CACHE
+        assert info.currsize <= ltt.SERVING_CACHE
+
+
+def test_batch_cache_is_large_and_is_dropped_after_the_block():
+    serving = ltt.rejects, ltt.clopper_pearson_upper
+    with ltt.batch_cache(1 << 13):
+        assert ltt.rejects is not serving[0] and ltt.clopper_pearson_upper is not serving[1]
+        assert ltt.rejects.cache_info().maxsize == 1 << 13
+        ltt.certified_set(np.arange(4), np.full(4, 3), 100, epsilon=EPS, delta=DELTA, test="mcnemar")
+        assert ltt.rejects.cache_info().currsize > 0
+        # same decisions as the serving caches
+        assert ltt.rejects("mcnemar", 2, 3, 100, EPS, DELTA) == serving[0]("mcnemar", 2, 3, 100, EPS, DELTA)
+    assert (ltt.rejects, ltt.clopper_pearson_upper) == serving

@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable, Sequence, Union
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +57,30 @@ Counts = Union[Sequence[int], npt.NDArray[np.integer]]  # per-candidate counts
 
 TESTS = ("binomial", "mcnemar")
 
+# The caches of rejects() and clopper_pearson_upper(). Their keys hold the test level, and the re-test schedule
+# (anytime.py) spends a new, smaller level at every checkpoint, so the entries of earlier checkpoints are never
+# asked again. A serving Policy lives for millions of requests: a large bound is reached only after ~1M requests
+# and is then ~60 MiB of dead entries (the soak's RSS grew ~20-40 bytes per request). Its working set (the levels
+# in force) is a few thousand keys, so SERVING_CACHE loses no hits there; batch_cache() enlarges the caches for
+# short-lived runs that revisit every level (haltwise policy simulate).
+SERVING_CACHE = 4096
+BATCH_CACHE = 1 << 18
+
+
+@contextmanager
+def batch_cache(maxsize: int = BATCH_CACHE) -> Iterator[None]:
+    """Within the block, rejects() and clopper_pearson_upper() use fresh caches
+    of up to `maxsize` entries (dropped when the block ends): for a batch run
+    that revisits the same levels many times, such as the simulator. Not for
+    a long-lived process; not thread-safe (it rebinds the module's functions)."""
+    global rejects, clopper_pearson_upper
+    saved = rejects, clopper_pearson_upper
+    rejects = functools.lru_cache(maxsize=maxsize)(saved[0].__wrapped__)
+    clopper_pearson_upper = functools.lru_cache(maxsize=maxsize)(saved[1].__wrapped__)
+    try:
+        yield
+    finally:
+        rejects, clopper_pearson_upper = saved
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P(X <= k) for X ~ Binomial(n, p), exact up to float rounding (log-space sum)."""
@@ -90,7 +115,7 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     return float(min(1.0, math.exp(top) * np.exp(logpmf - top).sum()))
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=SERVING_CACHE)
 def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) upper confidence bound on p from k successes in n
     trials: the p at which P(Binomial(n, p) <= k) = alpha (1.0 when k == n)."""
@@ -182,7 +207,7 @@ def mcnemar_p_value(harms: int, helps: int, n: int, epsilon: float) -> float:
     return hi
 
 
-@functools.lru_cache(maxsize=1 << 18)
+@functools.lru_cache(maxsize=SERVING_CACHE)
 def rejects(test: str, harms: int, helps: int, n: int, epsilon: float, delta: float) -> bool:
     """Level-delta decision of `test` ("binomial" or "mcnemar") on one candidate."""
     if test == "binomial":

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .anytime import AnytimeState, Certifier, RetestSchedule, policy_families
+from . import ltt
 from .config import PolicyConfig
 from .ltt import min_evidence
 
@@ -170,12 +171,13 @@ def simulate(config: PolicyConfig | None = None, *, repetitions: int = 2000, lab
                      "checkpoints": [schedule.checkpoint(j) for j in range(1, schedule.reached(labels) + 1)]},
         "settings": [], "naive": [],
     }
-    for i, setting in enumerate(settings(config, grid)):
-        report["settings"].append(run_setting(config, setting, repetitions=repetitions, labels=labels,
-                                              seed=seed * 1000 + i))
-        if naive_repetitions:
-            report["naive"].append(run_setting(config, setting, repetitions=naive_repetitions, labels=labels,
-                                               seed=seed * 1000 + i, schedule=naive_schedule(config)))
+    with ltt.batch_cache():  # every repetition revisits the same levels: worth a large, short-lived cache
+        for i, setting in enumerate(settings(config, grid)):
+            report["settings"].append(run_setting(config, setting, repetitions=repetitions, labels=labels,
+                                                  seed=seed * 1000 + i))
+            if naive_repetitions:
+                report["naive"].append(run_setting(config, setting, repetitions=naive_repetitions, labels=labels,
+                                                   seed=seed * 1000 + i, schedule=naive_schedule(config)))
     report["valid"] = all(s["rate"] + 2 * s["se"] <= config.delta for s in report["settings"])
     return report
 
