@@ -82,6 +82,7 @@ def batch_cache(maxsize: int = BATCH_CACHE) -> Iterator[None]:
     finally:
         rejects, clopper_pearson_upper = saved
 
+
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P(X <= k) for X ~ Binomial(n, p), exact up to float rounding (log-space sum)."""
     if n < 0:
