@@ -59,7 +59,10 @@ for lib in "$asan" "$ubsan"; do
 done
 # The installed extension must be the sanitized one.
 so="$(cd / && "$py" -c 'import importlib.util as u; print(u.find_spec("haltwise._core").origin)')"
-if ! ldd "$so" | grep -q libasan; then
+# ldd's output in a variable, not piped to `grep -q`: grep -q exits at the first match, ldd then dies of
+# SIGPIPE if it is still writing, and pipefail turned that into a false "not linked" (seen under load).
+deps="$(ldd "$so")"
+if [[ "$deps" != *libasan* ]]; then
   echo "sanitizers.sh: $so is not linked with libasan" >&2
   exit 2
 fi
