@@ -194,6 +194,12 @@ def test_per_problem_plans_on_vllm_record_shadow_and_cut(llm):
         assert (t.reason == StopReason.LOW_CONFIDENCE) == (would[t.trace] != -1), t
         if t.reason == StopReason.LOW_CONFIDENCE:
             assert would[t.trace] <= t.num_tokens <= would[t.trace] + 2  # the forced end token, maybe a step late
+    # a shadow plan on the client-side signal (topk_conf) cuts nothing either, with a threshold every window is under
+    conf = dataclasses.replace(settings, signal="topk_conf", threshold=1e9)
+    conf_stop = dataclasses.replace(stop, low_conf_signal="topk_conf", shadow=True)
+    shadow_conf = sampler.run(problems[:1], settings, plan=lambda p: ProblemPlan(conf, conf_stop)).problems[0]
+    assert all(t.reason != StopReason.LOW_CONFIDENCE for t in shadow_conf.traces)
+    assert all(t.would_stop_step == 8 for t in shadow_conf.traces if t.num_tokens >= 8)
     too_many = ProblemPlan(dataclasses.replace(settings, traces=K + 1), stop)
     with pytest.raises(ValueError, match=r"plan\(0\) runs 7 traces, more than settings.traces=6"):
         sampler.run(problems[:1], settings, plan=lambda p: too_many)

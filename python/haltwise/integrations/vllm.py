@@ -279,7 +279,7 @@ class VLLMParallelSampler:
             """Aborts the trace once a window mean of its confidence is below the threshold."""
             t = live[rid]
             threshold = waves[t.problem].threshold_of(t.trace)
-            if threshold is None:
+            if threshold is None or stops[t.problem].shadow:  # shadow: never cut, end() says where it would have
                 return
             n = cut_rule(t.problem, np.array(t.confs, dtype=np.float64), threshold)
             if n is not None:
