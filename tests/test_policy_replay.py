@@ -103,3 +103,36 @@ def test_cli_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["policy", "show", str(tmp_path / "none.db")]) == 2
     assert "DB" in capsys.readouterr().err
+
+
+def test_strategy_best_searches_the_consensus_strategies_and_its_tokens_replay_exactly(bank):
+    """strategy_best covers the config's consensus strategies too; the
+    winner's per-request tokens and its EM are recomputed here trace by trace
+    (each trace cut where its profile says, then the strategy's waves and
+    vote) and must agree."""
+    from haltwise.policy import strategy as strategies
+    from haltwise.policy.replay import BankTraces, strategy_best
+
+    config = PolicyConfig(traces=8, overload_traces=(8,), strategies=((2, "beta", 0.8, "majority"),))
+    traces = BankTraces(bank, config)
+    stream = make_stream(bank, ReplayConfig(requests=300, seed=3), 8)
+    best = strategy_best(stream, traces, bank, config)
+    names = [s.name for s in config.strategy_rows]
+    assert names == ["K=8", "K=8, waves of 2, beta 0.8"]
+    # on this bank the consensus strategy wins (it stops on agreeing pairs), so its replay is what is checked
+    assert best["strategy"] == "K=8, waves of 2, beta 0.8" and best["em"] >= best["em_uncut"] - config.epsilon
+    plain_only = strategy_best(stream, traces, bank, PolicyConfig(traces=8, overload_traces=(8,), strategies=()))
+    assert best["saved"] > plain_only["saved"]
+    strategy = config.strategy_rows[names.index(best["strategy"])]
+    threshold = -np.inf if best["threshold"] is None else best["threshold"]
+    right = 0
+    for req, tokens in zip(stream, best["tokens"]):
+        p, ks = req.problem, req.subset[: strategy.traces]
+        profiles = [traces.profiles[p][k] for k in ks]
+        lengths = [int(prof.cut_lengths(np.array([threshold]))[0]) for prof in profiles]
+        votes = [int(traces.answers[p, k]) if traces.votes[p, k] and not prof.lowest < threshold else None
+                 for k, prof in zip(ks, profiles)]
+        answer, spent = strategies.replay(strategy, votes, np.ones(len(ks)), lengths)
+        assert spent == tokens
+        right += answer == bank.references[p]
+    assert right / len(stream) == pytest.approx(best["em"])

@@ -26,7 +26,9 @@ Report
     median threshold in force, the share planned in overload, the queue
     depth. ``static_best``: the single fixed threshold (K traces, no control
     slice), chosen in hindsight on the whole stream, that saves the most
-    tokens with EM >= uncut EM - epsilon.
+    tokens with EM >= uncut EM - epsilon. ``strategy_best``: the same over
+    the whole strategy family (trace counts, and the config's consensus
+    strategies, each x a fixed threshold).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from .calibration import TraceProfile, trace_profile, vote_matrix
 from .config import PolicyConfig
 from .policy import Policy
 from .types import TraceOutcome
-from .strategy import deepconf_cut
+from .strategy import Strategy, deepconf_cut, replay_columns
 from .strategy import run as run_strategy
 
 DEFAULT_BANK = BUNDLED_BANK
@@ -328,26 +330,35 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
     }
 
 
-def _fixed_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig, K: int,
-                    levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per request and threshold (column 0: no cut; the others: quantiles of
-    all the bank's lowest window means), with the request's first K traces:
-    whether the vote is right (bool (n, T)) and the tokens (int (n, T))."""
+def _thresholds(traces: BankTraces, levels: np.ndarray) -> np.ndarray:
+    """Column 0: no cut; the others: quantiles of all the bank's lowest window means at `levels`."""
     lowest_all = np.array([prof.lowest for row in traces.profiles for prof in row])
     lowest_all = lowest_all[~np.isnan(lowest_all)]
-    levels = np.linspace(0.0, 0.95, 96) if levels is None else levels
-    grid = np.unique(np.quantile(lowest_all, levels))
-    thresholds = np.concatenate([[-np.inf], grid])
-    T = len(thresholds)
-    # every bank trace's cut length and cut at every threshold, once
-    P, Kb = bank.answers.shape
-    lengths_all = np.zeros((P, Kb, T), dtype=np.int64)
-    kept_all = np.zeros((P, Kb, T), dtype=bool)
+    return np.concatenate([[-np.inf], np.unique(np.quantile(lowest_all, levels))])
+
+
+def _cut_tables(traces: BankTraces, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every bank trace's tokens (int64 (P, K, T)) and whether it still votes
+    (bool (P, K, T)) under each threshold."""
+    P, Kb = traces.bank.answers.shape
+    lengths_all = np.zeros((P, Kb, len(thresholds)), dtype=np.int64)
+    kept_all = np.zeros((P, Kb, len(thresholds)), dtype=bool)
     for p in range(P):
         for k in range(Kb):
             prof = traces.profiles[p][k]
             lengths_all[p, k] = prof.cut_lengths(thresholds)
             kept_all[p, k] = ~(prof.lowest < thresholds) & traces.votes[p, k]
+    return lengths_all, kept_all
+
+
+def _fixed_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig, K: int,
+                    levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per request and threshold (column 0: no cut; the others: quantiles of
+    all the bank's lowest window means), with the request's first K traces:
+    whether the vote is right (bool (n, T)) and the tokens (int (n, T))."""
+    thresholds = _thresholds(traces, np.linspace(0.0, 0.95, 96) if levels is None else levels)
+    lengths_all, kept_all = _cut_tables(traces, thresholds)
+    T = len(thresholds)
     per_request = np.zeros((len(stream), T), dtype=bool)
     request_tokens = np.zeros((len(stream), T), dtype=np.int64)
     for i, req in enumerate(stream):
@@ -359,19 +370,44 @@ def _fixed_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
     return per_request, request_tokens, thresholds
 
 
+def _strategy_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank, strategy: Strategy,
+                       levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_fixed_outcomes` for a consensus strategy (policy/strategy.py
+    replays its waves and vote exactly), on a coarser grid of `levels`."""
+    thresholds = _thresholds(traces, levels)
+    lengths_all, kept_all = _cut_tables(traces, thresholds)
+    answers_all = np.where(traces.votes, traces.answers, NO_ANSWER).astype(np.int64)
+    K = strategy.traces
+    per_request = np.zeros((len(stream), len(thresholds)), dtype=bool)
+    request_tokens = np.zeros((len(stream), len(thresholds)), dtype=np.int64)
+    for i, req in enumerate(stream):
+        p, ks = req.problem, req.subset[:K]
+        weights = vote_weights(traces.mean_logprob[p, ks]) if strategy.weighting == "confidence" else np.ones(K)
+        winners, tokens = replay_columns(strategy, answers_all[p, ks], weights,
+                                         np.ascontiguousarray(lengths_all[p, ks].T),
+                                         np.ascontiguousarray(kept_all[p, ks].T), NO_ANSWER)
+        per_request[i] = winners == bank.references[p]
+        request_tokens[i] = tokens
+    return per_request, request_tokens, thresholds
+
+
 def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig) -> dict:
-    """The best single static strategy in hindsight among (trace count K' in
-    the config's trace options) x (fixed cut threshold): the one with the
-    fewest tokens whose vote EM over the stream is >= the uncut K-trace EM -
-    epsilon. The consensus strategies (policy/strategy.py replays them
-    exactly) are not searched here: a fine threshold grid times every
-    request would cost minutes per run. "tokens": that strategy's tokens per
-    request."""
-    base_right = None
+    """The best single static strategy in hindsight: among (trace count K' in
+    the config's trace options) x (fixed cut threshold, 96 quantiles) and
+    (each of the config's consensus strategies) x (fixed cut threshold, 48
+    quantiles), the one with the fewest tokens whose vote EM over the stream
+    is >= the uncut K-trace EM - epsilon. "tokens": that strategy's tokens
+    per request."""
+    base_right = base_tokens = None
     best = None
-    for K in pc.trace_options:
-        right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, K)
-        if base_right is None:  # trace_options[0] is the full K
+    rows = pc.strategy_rows
+    for r, strategy in enumerate(rows):
+        if r < len(pc.trace_options):
+            right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, strategy.traces)
+        else:
+            right, tokens, thresholds = _strategy_outcomes(stream, traces, bank, strategy,
+                                                           np.linspace(0.0, 0.94, 48))
+        if base_right is None:  # row 0 is all K traces at once; its column 0 is the uncut run
             base_right, base_tokens = right[:, 0], tokens[:, 0]
         em = right.mean(axis=0)
         ok = np.flatnonzero(em >= base_right.mean() - pc.epsilon)
@@ -379,11 +415,11 @@ def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, p
             continue
         j = int(ok[np.argmin(tokens[:, ok].sum(axis=0))])
         if best is None or tokens[:, j].sum() < best[0].sum():
-            best = (tokens[:, j], K, None if j == 0 else float(thresholds[j]), float(em[j]))
-    per_request, K, threshold, em = best
-    return {"strategies": "trace count x fixed cut threshold (consensus strategies not searched)",
-            "traces": int(K), "threshold": threshold, "em": em, "em_uncut": float(base_right.mean()),
-            "saved": float(1.0 - per_request.sum() / base_tokens.sum()),
+            best = (tokens[:, j], strategy, None if j == 0 else float(thresholds[j]), float(em[j]))
+    per_request, strategy, threshold, em = best
+    return {"strategies": "trace count x fixed cut threshold, and each consensus strategy x fixed cut threshold",
+            "strategy": strategy.name, "traces": int(strategy.traces), "threshold": threshold, "em": em,
+            "em_uncut": float(base_right.mean()), "saved": float(1.0 - per_request.sum() / base_tokens.sum()),
             "tokens": [int(t) for t in per_request]}
 
 
