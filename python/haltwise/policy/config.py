@@ -37,7 +37,7 @@ class PolicyConfig:
     weighting: str = "majority"
     # (wave_size, consensus, consensus_threshold, weighting) of the consensus strategies certified beside the
     # plain one (K traces at once, no consensus); policy/strategy.py
-    strategies: tuple = ((2, "unbeatable", 1.0, "majority"), (3, "beta", 0.85, "majority"),
+    strategies: tuple = ((2, "unbeatable", 1.0, "majority"), (2, "beta", 0.9, "majority"),
                          (8, "beta", 0.99, "majority"))
     # request classes: (name, epsilon, traces) -- each certified on its own with its own budget; epsilon 0 never
     # cuts (every trace runs to its end); None: the config's epsilon / traces
