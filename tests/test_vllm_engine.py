@@ -286,6 +286,28 @@ def test_vllm_bench_writes_the_bench_json(llm):
     assert all(r["tokens_per_s"] > 0 for r in payload["runs"])
 
 
+def test_throughput_check_alternates_rounds_and_reports_medians(llm):
+    """The bench's throughput check on a real engine (the same one on both
+    sides here, so every traced token count agrees): each measurement ran once
+    per round, and the figures and ratios are the medians over the rounds."""
+    import statistics
+
+    from haltwise.benchmarks.vllm_engine import throughput_check
+
+    out = throughput_check(llm, llm, PROBLEMS[:1], 2, 24, 8, 3)
+    keys = ("loaded_never_cutting", "absent", "deepconf_top20_logprobs")
+    assert out["rounds"] == 3
+    for key in keys:
+        rates = out[key]["rounds_tokens_per_s"]
+        assert len(rates) == 3 and all(r > 0 for r in rates)
+        assert out[key]["tokens_per_s"] == statistics.median(rates)
+        assert out[key]["tokens"] > 0
+    assert out["loaded_never_cutting"]["tokens"] == out["absent"]["tokens"]  # same seeds, never cut
+    ratios = [a / b for a, b in zip(out["loaded_never_cutting"]["rounds_tokens_per_s"],
+                                    out["absent"]["rounds_tokens_per_s"])]
+    assert out["ratio"] == statistics.median(ratios)
+
+
 _METRICS_SERVER = """
 import json, sys
 import vllm
