@@ -50,6 +50,7 @@ from .config import PolicyConfig
 from .policy import Policy
 from .types import TraceOutcome
 from .strategy import Strategy, deepconf_cut, replay_columns
+from .strategy import replay as replay_strategy
 from .strategy import run as run_strategy
 
 DEFAULT_BANK = BUNDLED_BANK
@@ -373,7 +374,11 @@ def _fixed_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
 def _strategy_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank, strategy: Strategy,
                        levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_fixed_outcomes` for a consensus strategy (policy/strategy.py
-    replays its waves and vote exactly), on a coarser grid of `levels`."""
+    replays its waves and vote exactly), on a coarser grid of `levels`. A
+    DeepConf warm-up strategy cuts at its own per-problem threshold
+    (strategy.deepconf_cut, as run_plan serves it): one column, threshold NaN."""
+    if strategy.warmup:
+        return _warmup_outcomes(stream, traces, bank, strategy)
     thresholds = _thresholds(traces, levels)
     lengths_all, kept_all = _cut_tables(traces, thresholds)
     answers_all = np.where(traces.votes, traces.answers, NO_ANSWER).astype(np.int64)
@@ -391,13 +396,31 @@ def _strategy_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBa
     return per_request, request_tokens, thresholds
 
 
+def _warmup_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
+                     strategy: Strategy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    K = strategy.traces
+    per_request = np.zeros((len(stream), 1), dtype=bool)
+    request_tokens = np.zeros((len(stream), 1), dtype=np.int64)
+    for i, req in enumerate(stream):
+        p, ks = req.problem, req.subset[:K]
+        profs = [traces.profiles[p][k] for k in ks]
+        kept, spent, _ = deepconf_cut(strategy, [q.lowest for q in profs], [q.length for q in profs],
+                                      lambda t: [q.cut_length(t) for q in profs])
+        votes = [int(traces.answers[p, k]) if keep and traces.votes[p, k] else None for k, keep in zip(ks, kept)]
+        answer, tokens = replay_strategy(strategy, votes, [vote_weight(m) for m in traces.mean_logprob[p, ks]], spent)
+        per_request[i, 0] = answer is not None and answer == bank.references[p]
+        request_tokens[i, 0] = tokens
+    return per_request, request_tokens, np.array([np.nan])
+
+
 def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig) -> dict:
     """The best single static strategy in hindsight: among (trace count K' in
     the config's trace options) x (fixed cut threshold, 96 quantiles) and
     (each of the config's consensus strategies) x (fixed cut threshold, 48
     quantiles), the one with the fewest tokens whose vote EM over the stream
-    is >= the uncut K-trace EM - epsilon. "tokens": that strategy's tokens
-    per request."""
+    is >= the uncut K-trace EM - epsilon ("threshold" None: no cut, or a
+    DeepConf warm-up strategy's own per-problem cut). "tokens": that
+    strategy's tokens per request."""
     base_right = base_tokens = None
     best = None
     rows = pc.strategy_rows
@@ -415,7 +438,8 @@ def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, p
             continue
         j = int(ok[np.argmin(tokens[:, ok].sum(axis=0))])
         if best is None or tokens[:, j].sum() < best[0].sum():
-            best = (tokens[:, j], strategy, None if j == 0 else float(thresholds[j]), float(em[j]))
+            best = (tokens[:, j], strategy, None if j == 0 or np.isnan(thresholds[j]) else float(thresholds[j]),
+                    float(em[j]))
     per_request, strategy, threshold, em = best
     return {"strategies": "trace count x fixed cut threshold, and each consensus strategy x fixed cut threshold",
             "strategy": strategy.name, "traces": int(strategy.traces), "threshold": threshold, "em": em,
