@@ -143,14 +143,15 @@ def test_strategy_best_replays_a_deepconf_warmup_strategy_with_its_own_per_probl
     and the rest are cut at the warm-up percentile, per problem. Its one
     column must charge every warm-up trace in full and cut some of the others
     (a fixed-threshold replay would cut warm-up traces too)."""
-    from haltwise.policy.replay import BankTraces, _strategy_outcomes
+    from haltwise.policy.replay import BankTraces, _cut_grid, _strategy_outcomes
 
     config = PolicyConfig(traces=8, overload_traces=(8,), strategies=((0, None, 0.95, "majority", 4, 50.0),))
     strategy = config.strategy_rows[1]
     assert strategy.warmup == 4
     traces = BankTraces(bank, config)
     stream = make_stream(bank, ReplayConfig(requests=200, seed=5), 8)
-    right, tokens, thresholds = _strategy_outcomes(stream, traces, bank, strategy, np.linspace(0.0, 0.9, 10))
+    right, tokens, thresholds = _strategy_outcomes(stream, traces, bank, strategy,
+                                                  _cut_grid(traces, np.linspace(0.0, 0.9, 10)))
     assert right.shape == tokens.shape == (200, 1) and np.isnan(thresholds).all()
     warmup_tokens = np.array([sum(traces.profiles[r.problem][k].length for k in r.subset[:4]) for r in stream])
     uncut_tokens = np.array([sum(traces.profiles[r.problem][k].length for k in r.subset[:8]) for r in stream])

@@ -159,6 +159,13 @@ def load_profile(cfg: ReplayConfig, r: int, rng: np.random.Generator) -> dict:
     return {"queue_depth": queue, "p95_latency_s": 0.4 + queue / 50.0 + float(rng.normal(0.0, 0.05)) ** 2}
 
 
+def _deepconf_cut(strategy, profs: list[TraceProfile]) -> tuple[list[bool], list[int]]:
+    """strategy.deepconf_cut on a request's bank traces: (kept, tokens) per trace."""
+    kept, spent, _ = deepconf_cut(strategy, [q.lowest for q in profs], [q.length for q in profs],
+                                  lambda t: [q.cut_length(t) for q in profs])
+    return kept, spent
+
+
 def run_plan(plan, traces: BankTraces, problem: int, subset: np.ndarray) -> tuple[list[TraceOutcome], int]:
     """What the decode loop would report for `plan` on a bank problem whose
     recorded traces `subset` are the request's samples (the first plan.traces
@@ -193,9 +200,7 @@ def run_plan(plan, traces: BankTraces, problem: int, subset: np.ndarray) -> tupl
             outcomes.append(TraceOutcome(answer=answer, num_tokens=n, reason=reason, mean_logprob=mlp))
             tokens += n
     if plan.kind == "policy" and plan.strategy.warmup:  # DeepConf's per-problem threshold (strategy.deepconf_cut)
-        profs = [traces.profiles[p][k] for k in subset[: plan.traces]]
-        kept, spent, _ = deepconf_cut(plan.strategy, [q.lowest for q in profs], [q.length for q in profs],
-                                      lambda t: [q.cut_length(t) for q in profs])
+        kept, spent = _deepconf_cut(plan.strategy, [traces.profiles[p][k] for k in subset[: plan.traces]])
         outcomes = [t if keep else TraceOutcome(answer=None, num_tokens=n, reason=int(StopReason.LOW_CONFIDENCE),
                                                 mean_logprob=t.mean_logprob)
                     for t, keep, n in zip(outcomes, kept, spent)]
@@ -331,16 +336,25 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
     }
 
 
-def _thresholds(traces: BankTraces, levels: np.ndarray) -> np.ndarray:
-    """Column 0: no cut; the others: quantiles of all the bank's lowest window means at `levels`."""
+FINE_LEVELS = np.linspace(0.0, 0.95, 96)  # the fixed-threshold searches (static_best, trace counts)
+COARSE_LEVELS = np.linspace(0.0, 0.94, 48)  # consensus strategies: every request's waves replayed per column
+
+
+@dataclass(frozen=True)
+class _CutGrid:
+    """Thresholds (column 0: no cut; the others: quantiles of all the bank's
+    lowest window means), and under each one every bank trace's tokens
+    (int64 (P, K, T)) and whether it still votes (bool (P, K, T))."""
+
+    thresholds: np.ndarray
+    lengths: np.ndarray
+    kept: np.ndarray
+
+
+def _cut_grid(traces: BankTraces, levels: np.ndarray) -> _CutGrid:
     lowest_all = np.array([prof.lowest for row in traces.profiles for prof in row])
     lowest_all = lowest_all[~np.isnan(lowest_all)]
-    return np.concatenate([[-np.inf], np.unique(np.quantile(lowest_all, levels))])
-
-
-def _cut_tables(traces: BankTraces, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every bank trace's tokens (int64 (P, K, T)) and whether it still votes
-    (bool (P, K, T)) under each threshold."""
+    thresholds = np.concatenate([[-np.inf], np.unique(np.quantile(lowest_all, levels))])
     P, Kb = traces.bank.answers.shape
     lengths_all = np.zeros((P, Kb, len(thresholds)), dtype=np.int64)
     kept_all = np.zeros((P, Kb, len(thresholds)), dtype=bool)
@@ -349,16 +363,14 @@ def _cut_tables(traces: BankTraces, thresholds: np.ndarray) -> tuple[np.ndarray,
             prof = traces.profiles[p][k]
             lengths_all[p, k] = prof.cut_lengths(thresholds)
             kept_all[p, k] = ~(prof.lowest < thresholds) & traces.votes[p, k]
-    return lengths_all, kept_all
+    return _CutGrid(thresholds, lengths_all, kept_all)
 
 
 def _fixed_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig, K: int,
-                    levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per request and threshold (column 0: no cut; the others: quantiles of
-    all the bank's lowest window means), with the request's first K traces:
-    whether the vote is right (bool (n, T)) and the tokens (int (n, T))."""
-    thresholds = _thresholds(traces, np.linspace(0.0, 0.95, 96) if levels is None else levels)
-    lengths_all, kept_all = _cut_tables(traces, thresholds)
+                    grid: _CutGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per request and threshold of `grid`, with the request's first K
+    traces: whether the vote is right (bool (n, T)) and the tokens (int (n, T))."""
+    thresholds, lengths_all, kept_all = grid.thresholds, grid.lengths, grid.kept
     T = len(thresholds)
     per_request = np.zeros((len(stream), T), dtype=bool)
     request_tokens = np.zeros((len(stream), T), dtype=np.int64)
@@ -372,15 +384,14 @@ def _fixed_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
 
 
 def _strategy_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank, strategy: Strategy,
-                       levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       grid: _CutGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_fixed_outcomes` for a consensus strategy (policy/strategy.py
-    replays its waves and vote exactly), on a coarser grid of `levels`. A
-    DeepConf warm-up strategy cuts at its own per-problem threshold
-    (strategy.deepconf_cut, as run_plan serves it): one column, threshold NaN."""
+    replays its waves and vote exactly). A DeepConf warm-up strategy cuts at
+    its own per-problem threshold (strategy.deepconf_cut, as run_plan serves
+    it): one column, threshold NaN."""
     if strategy.warmup:
         return _warmup_outcomes(stream, traces, bank, strategy)
-    thresholds = _thresholds(traces, levels)
-    lengths_all, kept_all = _cut_tables(traces, thresholds)
+    thresholds, lengths_all, kept_all = grid.thresholds, grid.lengths, grid.kept
     answers_all = np.where(traces.votes, traces.answers, NO_ANSWER).astype(np.int64)
     K = strategy.traces
     per_request = np.zeros((len(stream), len(thresholds)), dtype=bool)
@@ -403,9 +414,7 @@ def _warmup_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank
     request_tokens = np.zeros((len(stream), 1), dtype=np.int64)
     for i, req in enumerate(stream):
         p, ks = req.problem, req.subset[:K]
-        profs = [traces.profiles[p][k] for k in ks]
-        kept, spent, _ = deepconf_cut(strategy, [q.lowest for q in profs], [q.length for q in profs],
-                                      lambda t: [q.cut_length(t) for q in profs])
+        kept, spent = _deepconf_cut(strategy, [traces.profiles[p][k] for k in ks])
         votes = [int(traces.answers[p, k]) if keep and traces.votes[p, k] else None for k, keep in zip(ks, kept)]
         answer, tokens = replay_strategy(strategy, votes, [vote_weight(m) for m in traces.mean_logprob[p, ks]], spent)
         per_request[i, 0] = answer is not None and answer == bank.references[p]
@@ -423,13 +432,12 @@ def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, p
     strategy's tokens per request."""
     base_right = base_tokens = None
     best = None
-    rows = pc.strategy_rows
-    for r, strategy in enumerate(rows):
+    fine, coarse = _cut_grid(traces, FINE_LEVELS), _cut_grid(traces, COARSE_LEVELS)  # once for every row
+    for r, strategy in enumerate(pc.strategy_rows):
         if r < len(pc.trace_options):
-            right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, strategy.traces)
+            right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, strategy.traces, fine)
         else:
-            right, tokens, thresholds = _strategy_outcomes(stream, traces, bank, strategy,
-                                                           np.linspace(0.0, 0.94, 48))
+            right, tokens, thresholds = _strategy_outcomes(stream, traces, bank, strategy, coarse)
         if base_right is None:  # row 0 is all K traces at once; its column 0 is the uncut run
             base_right, base_tokens = right[:, 0], tokens[:, 0]
         em = right.mean(axis=0)
@@ -453,7 +461,8 @@ def static_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc:
     stream (K traces, no control slice), tokens and vote EM at each of a
     fine grid of thresholds (quantiles of all the bank's lowest window means);
     the most saving one with EM >= uncut EM - epsilon."""
-    per_request, request_tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, pc.traces, levels)
+    grid = _cut_grid(traces, FINE_LEVELS if levels is None else levels)
+    per_request, request_tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, pc.traces, grid)
     T = len(thresholds)
     right = per_request.sum(axis=0)
     tokens = request_tokens.sum(axis=0).astype(np.float64)
