@@ -206,7 +206,8 @@ def test_a_discarded_sample_does_not_shift_the_signals():
     out.append(1)
     r = table.apply(good.clone())  # feeds token 1 with good's signals: logprob ~0, no cut
     assert not table.rows[0].stopped and torch.equal(r, good)
-    assert table.rows[0].fed == 1 and not math.isnan(table.rows[0].pending[0][1])
+    step, j = table.rows[0].pending[0]
+    assert table.rows[0].fed == 1 and math.isfinite(float(step.lse[j]))
 
 
 def test_placeholder_tokens_wait_for_their_value():
@@ -233,11 +234,59 @@ def test_signals_pass_groups_rows_by_top_k_conf():
     table.update(Update(3, [], [(i, params({"top_k_conf": k}), [1], outs[i]) for i, k in enumerate((2, 3, 2))], []))
     x = torch.randn(3, 16)
     table.apply(x.clone())
+    assert table.rows[0].pending[0][0] is table.rows[2].pending[0][0]  # one pass for k=2
+    assert table.rows[1].pending[0][0] is not table.rows[0].pending[0][0]
     for i, k in enumerate((2, 3, 2)):
-        topk = table.rows[i].pending[0][5]
+        step, j = table.rows[i].pending[0]
         expect = -torch.log_softmax(x[i], -1).topk(k).values.mean().item()
-        assert topk == pytest.approx(expect, rel=1e-5, abs=1e-5)
-    assert np.isfinite([table.rows[i].pending[0][1] for i in range(3)]).all()
+        assert step.topk[j] == pytest.approx(expect, rel=1e-5, abs=1e-5)
+        assert float(step.lse[j]) == pytest.approx(torch.logsumexp(x[i].double(), -1).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sampled_token_logprobs_are_one_gather_against_a_float64_reference(dtype):
+    """The logprobs fed to the rules: ``x[token] - logsumexp`` for each (row, token)
+    asked, on fresh random rows (V=37, not a block multiple, one -inf mask); a token
+    outside the vocabulary gets NaN (which ends its request as INVALID_LOGITS)."""
+    from haltwise.integrations.vllm_rows import _StepSignals
+    from haltwise.signals import signals
+
+    gen = torch.Generator().manual_seed(int(dtype.itemsize))
+    x = (torch.randn(5, 37, generator=gen) * 4).to(dtype)
+    x[3, 10:20] = -math.inf
+    step = _StepSignals(x, signals(x, temperature=0.0, top_k_conf=4))
+    js = [0, 1, 2, 3, 4, 3, 1]
+    tokens = [0, 36, 17, 5, 40, 12, -3]
+    got = step.logprobs(js, tokens)
+    ref = torch.log_softmax(x.double(), -1)
+    for j, t, g in zip(js, tokens, got):
+        if 0 <= t < 37:
+            assert g == pytest.approx(ref[j, t].item(), rel=1e-5, abs=1e-5), (j, t)
+        else:
+            assert math.isnan(g), (j, t)
+    assert got[5] == -math.inf  # a masked token sampled: its logprob, -inf
+
+
+def test_tokens_that_arrive_together_are_fed_in_order_and_stop_at_the_cut():
+    """Async scheduling delivers two tokens at once: each is fed with its own step's
+    signals, and once the first cuts the row the second is not fed. A token outside
+    the vocabulary ends its own request as INVALID_LOGITS."""
+    table = RowTable()
+    outs = [[], []]
+    cfg = {"low_conf_signal": "logprob", "low_conf_threshold": -1.0, "window": 1, "min_new_tokens": 1}
+    table.update(Update(2, [], [(0, params(cfg), [1], outs[0]), (1, params(cfg), [1], outs[1])], []))
+    x = torch.zeros(2, 6)
+    x[:, 1] = 20.0  # token 1 certain; others ~ -20
+    table.apply(x.clone())
+    outs[0].append(-1), outs[1].append(-1)
+    table.apply(x.clone())
+    outs[0][:] = [0, 1]  # the unlikely token first: cut there, the certain one is never fed
+    outs[1][:] = [1, 99]  # fine, then a token the vocabulary does not have
+    r = table.apply(x.clone())
+    assert (table.rows[0].reason, table.rows[0].fed) == ("LOW_CONFIDENCE", 1)
+    assert (table.rows[1].reason, table.rows[1].fed) == ("INVALID_LOGITS", 2)
+    assert r[0, 2] == 0.0 and r[1, 2] == 0.0
+    assert dict(table.stats) == {"LOW_CONFIDENCE": 1, "INVALID_LOGITS": 1}
 
 
 @pytest.mark.parametrize("k", [1, 2, 20])

@@ -88,11 +88,38 @@ def end_token(params) -> int | None:
     return int(stops[0]) if stops else None
 
 
-class _Row:
-    """One request that asked: its stop rules and the signals of its steps whose
-    sampled token it has not fed yet."""
+class _StepSignals:
+    """One apply's fused-pass results for the rows it ran, kept until each row's
+    sampled token arrives: that step's logits (on their device) and logsumexp,
+    for the sampled token's logprob, and the other signals on the host."""
 
-    __slots__ = ("settings", "out", "end", "max_tokens", "rules", "fed", "seen_len", "pending", "stopped", "reason")
+    __slots__ = ("x", "lse", "entropy", "confidence", "margin", "topk", "status")
+
+    def __init__(self, x: torch.Tensor, out) -> None:
+        self.x = x  # [n, V], the gathered rows (a copy the fused pass needs anyway)
+        self.lse = x.gather(1, out.token[:, None]).squeeze(1) - out.logprob  # x[argmax] - logprob(argmax)
+        host = torch.stack((out.entropy, out.confidence, out.margin, out.topk_conf)).tolist()  # one transfer
+        self.entropy, self.confidence, self.margin, self.topk = host
+        self.status = out.status.tolist()
+
+    def logprobs(self, js: list[int], tokens: list[int]) -> list[float]:
+        """The logprob of ``tokens[i]`` in row ``js[i]`` (NaN for a token outside the
+        vocabulary): one gather, one transfer."""
+        V = self.x.shape[1]
+        valid = [0 <= t < V for t in tokens]
+        device = self.x.device
+        j = torch.tensor(js, dtype=torch.int64, device=device)
+        t = torch.tensor([tok if ok else 0 for tok, ok in zip(tokens, valid)], dtype=torch.int64, device=device)
+        values = (self.x[j, t].float() - self.lse[j].float()).tolist()
+        return [v if ok else math.nan for v, ok in zip(values, valid)]
+
+
+class _Row:
+    """One request that asked: its stop rules, the steps whose sampled token it has
+    not fed yet, and the one-row arrays its tokens are fed through (reused)."""
+
+    __slots__ = ("settings", "out", "end", "max_tokens", "rules", "fed", "seen_len", "pending", "stopped", "reason",
+                 "token", "signals")
 
     def __init__(self, settings: HaltwiseSettings, out: list[int], end: int, max_tokens: int | None = None):
         self.settings, self.out, self.end, self.max_tokens = settings, out, end, max_tokens
@@ -101,9 +128,21 @@ class _Row:
         self.rules.step(np.zeros(0, dtype=np.int64), HostSignals.zeros(0))  # admits it
         self.fed = len(out)  # output tokens already accounted for (a resumed request keeps its own)
         self.seen_len = len(out)  # len(out) at the last apply, placeholders included
-        self.pending: collections.deque = collections.deque()  # (x [V], lse, entropy, conf, margin, topk, status)
+        self.pending: collections.deque = collections.deque()  # (_StepSignals, row in it), oldest first
         self.stopped = False
         self.reason: str | None = None
+        self.token = np.zeros(1, dtype=np.int64)
+        f = lambda: np.zeros(1, dtype=np.float32)  # noqa: E731
+        self.signals = HostSignals(f(), f(), f(), f(), f(), np.zeros(1, dtype=np.int8))
+
+    def feed(self, token: int, logprob: float, step: _StepSignals, j: int) -> list:
+        """Step the rules on one sampled token with its step's signals; what finished."""
+        self.token[0] = token
+        s = self.signals
+        s.logprob[0], s.entropy[0], s.confidence[0] = logprob, step.entropy[j], step.confidence[j]
+        s.margin[0], s.topk_conf[0], s.status[0] = step.margin[j], step.topk[j], step.status[j]
+        self.fed += 1
+        return self.rules.step(self.token, s).finished
 
 
 class RowTable:
@@ -161,47 +200,67 @@ class RowTable:
 
     # ---- the step -----------------------------------------------------------------
 
-    def _feed(self, row: _Row) -> int:
-        """Feed the row's newly sampled tokens with their steps' signals; returns how many."""
+    def _collect(self, row: _Row, feeds: list) -> None:
+        """Queue the row's newly sampled tokens with the steps that signalled them, as
+        (row, step, row in step, token); step None: a token with no signalled step."""
         n = len(row.out)
         if n == row.seen_len and row.pending:
             row.pending.pop()  # the last step's sample was discarded (a partial prefill chunk)
         row.seen_len = n
-        fed = row.fed
-        while row.fed < n and row.out[row.fed] != -1 and not row.stopped:  # -1: async placeholder, not known yet
+        k = row.fed
+        while k < n and row.out[k] != -1:  # -1: async placeholder, not known yet
             if not row.pending:
+                feeds.append((row, None, 0, row.out[k]))
+                break
+            step, j = row.pending.popleft()
+            feeds.append((row, step, j, row.out[k]))
+            k += 1
+
+    def _feed(self, feeds: list) -> int:
+        """Feed the queued tokens to their rows' rules, in order, until a row stops;
+        the sampled tokens' logprobs are one gather per signalled step. Returns how
+        many were fed."""
+        by_step: dict[int, tuple[_StepSignals, list[int]]] = {}
+        for i, (_row, step, _j, _token) in enumerate(feeds):
+            if step is not None:
+                by_step.setdefault(id(step), (step, []))[1].append(i)
+        logprobs = [math.nan] * len(feeds)
+        for step, items in by_step.values():
+            values = step.logprobs([feeds[i][2] for i in items], [feeds[i][3] for i in items])
+            for i, value in zip(items, values):
+                logprobs[i] = value
+        fed = 0
+        for (row, step, j, token), logprob in zip(feeds, logprobs):
+            if row.stopped:
+                continue
+            if step is None:
                 logger.warning("haltwise: more sampled tokens than signalled steps (speculative decoding?); "
                                "the request decodes uncut from here")
                 row.stopped, row.reason = True, "untracked"
                 self._count("untracked")
-                break
-            x, lse, entropy, confidence, margin, topk, status = row.pending.popleft()
-            token = row.out[row.fed]
-            row.fed += 1
-            logprob = float(x[token]) - lse if 0 <= token < x.shape[0] else math.nan
-            f = lambda v: np.array([v], dtype=np.float32)  # noqa: E731
-            plan = row.rules.step(np.array([token], dtype=np.int64),
-                                  HostSignals(f(logprob), f(entropy), f(confidence), f(margin), f(topk),
-                                              np.array([status], dtype=np.int8)))
-            for finished in plan.finished:
+                continue
+            fed += 1
+            for finished in row.feed(token, logprob, step, j):
                 row.stopped, row.reason = True, StopReason(finished.reason).name
                 self._count(row.reason)
                 if self.metrics is not None and row.max_tokens is not None and row.reason in _SAVING:
                     # the forced end token is one more output token
                     self.metrics.record_tokens(0, max(0, row.max_tokens - row.fed - 1))
-        return row.fed - fed
+        return fed
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
-        running: dict[int, list[int]] = collections.defaultdict(list)  # top_k_conf -> rows
-        forced = []
-        fed = 0
+        feeds: list = []
         for index in sorted(self.rows):
             row = self.rows[index]
-            if row.reason == "untracked":
-                continue
-            fed += self._feed(row)
+            if not row.stopped:
+                self._collect(row, feeds)
+        fed = self._feed(feeds)
+        running: dict[int, list[int]] = collections.defaultdict(list)  # top_k_conf -> rows
+        forced = []
+        for index in sorted(self.rows):
+            row = self.rows[index]
             if row.stopped:
                 if row.reason != "untracked":
                     forced.append((index, row.end))
@@ -210,13 +269,9 @@ class RowTable:
         for k, rows in running.items():
             idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
             x = logits.index_select(0, idx)  # [n, V], this step's logits of those rows (a copy, kept for the next step)
-            out = signals(x, temperature=0.0, top_k_conf=k)  # one fused pass
-            x_top = x.gather(1, out.token[:, None]).squeeze(1)
-            lse = (x_top - out.logprob).tolist()  # logsumexp per row
-            host = [t.tolist() for t in (out.entropy, out.confidence, out.margin, out.topk_conf, out.status)]
+            step = _StepSignals(x, signals(x, temperature=0.0, top_k_conf=k))  # one fused pass
             for j, index in enumerate(rows):
-                self.rows[index].pending.append((x[j], lse[j], host[0][j], host[1][j], host[2][j], host[3][j],
-                                                 host[4][j]))
+                self.rows[index].pending.append((step, j))
         if self.metrics is not None and fed:
             self.metrics.record_tokens(fed)  # once per step, not per row
         for index, end in forced:
