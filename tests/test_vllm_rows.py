@@ -239,7 +239,7 @@ def test_signals_pass_groups_rows_by_top_k_conf():
     for i, k in enumerate((2, 3, 2)):
         step, j = table.rows[i].pending[0]
         expect = -torch.log_softmax(x[i], -1).topk(k).values.mean().item()
-        assert step.topk[j] == pytest.approx(expect, rel=1e-5, abs=1e-5)
+        assert step.host[3, j] == pytest.approx(expect, rel=1e-5, abs=1e-5)
         assert float(step.lse[j]) == pytest.approx(torch.logsumexp(x[i].double(), -1).item(), rel=1e-6)
 
 
@@ -254,10 +254,10 @@ def test_sampled_token_logprobs_are_one_gather_against_a_float64_reference(dtype
     gen = torch.Generator().manual_seed(int(dtype.itemsize))
     x = (torch.randn(5, 37, generator=gen) * 4).to(dtype)
     x[3, 10:20] = -math.inf
-    step = _StepSignals(x, signals(x, temperature=0.0, top_k_conf=4))
+    step = _StepSignals(0, x, signals(x, temperature=0.0, top_k_conf=4))
     js = [0, 1, 2, 3, 4, 3, 1]
     tokens = [0, 36, 17, 5, 40, 12, -3]
-    got = step.logprobs(js, tokens)
+    got = step.logprobs(np.array(js), np.array(tokens)).tolist()
     ref = torch.log_softmax(x.double(), -1)
     for j, t, g in zip(js, tokens, got):
         if 0 <= t < 37:

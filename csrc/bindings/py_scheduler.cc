@@ -1,7 +1,8 @@
-// haltwise._core.Scheduler and haltwise._core.StopRules: the native batch
-// scheduler (csrc/scheduler.h) and its compiled stop rules. Python API and
-// semantics: haltwise/scheduler.py. step() reads numpy buffers in place,
-// releases the GIL while the core works, and returns a StepPlan
+// haltwise._core.Scheduler, StopRules and StopTable: the native batch
+// scheduler (csrc/scheduler.h), its compiled stop rules, and stop states fed
+// by handle (csrc/stop_table.h). Python API and semantics:
+// haltwise/scheduler.py. step() and feed() read numpy buffers in place and
+// release the GIL while the core works; step() returns a StepPlan
 // (plan_types.h).
 #include <pybind11/stl.h>
 
@@ -17,6 +18,7 @@
 #include "common.h"
 #include "plan_types.h"
 #include "scheduler.h"
+#include "stop_table.h"
 
 namespace haltwise {
 namespace binding {
@@ -47,7 +49,8 @@ struct HostArray {
 
 std::string type_name(py::handle value) { return py::str(py::type::handle_of(value).attr("__name__")); }
 
-HostArray host_array(py::handle value, const char* name, char kind, int itemsize, const char* dtype_name) {
+HostArray host_array(const char* where, py::handle value, const char* name, char kind, int itemsize,
+                     const char* dtype_name) {
   HostArray out;
   if (py::isinstance<py::array>(value)) {
     out.owner = py::reinterpret_borrow<py::object>(value);
@@ -69,7 +72,7 @@ HostArray host_array(py::handle value, const char* name, char kind, int itemsize
     }
     if (converted == nullptr) {
       const py::error_already_set error;
-      throw std::invalid_argument(std::string("step: ") + name + " must be a numpy array or a CPU torch tensor, got " +
+      throw std::invalid_argument(std::string(where) + ": " + name + " must be a numpy array or a CPU torch tensor, got " +
                                   type_name(value) + " (" + error.what() + ")");
     }
     out.owner = py::reinterpret_steal<py::object>(converted);
@@ -78,10 +81,10 @@ HostArray host_array(py::handle value, const char* name, char kind, int itemsize
   const auto* descr = py::detail::array_descriptor_proxy(array->descr);
   if (descr->kind != kind || py::reinterpret_borrow<py::dtype>(array->descr).itemsize() != itemsize ||
       descr->byteorder == '>')
-    throw std::invalid_argument(std::string("step: ") + name + " must be " + dtype_name + ", got " +
+    throw std::invalid_argument(std::string(where) + ": " + name + " must be " + dtype_name + ", got " +
                                 std::string(py::str(py::reinterpret_borrow<py::object>(array->descr))));
   if (array->nd != 1)
-    throw std::invalid_argument(std::string("step: ") + name + " must be 1-D [batch], got shape " +
+    throw std::invalid_argument(std::string(where) + ": " + name + " must be 1-D [batch], got shape " +
                                 std::string(py::str(out.owner.attr("shape"))));
   out.data = array->data;
   out.stride = array->strides[0];
@@ -106,11 +109,31 @@ std::unique_lock<std::mutex> lock(PyScheduler& s) {
 constexpr const char* kInputNames[7] = {"tokens",         "signals.logprob",   "signals.entropy", "signals.confidence",
                                         "signals.margin", "signals.topk_conf", "signals.status"};
 
+// The six per-row signal arrays of `signals` (a haltwise.Signals, or any object
+// with those attributes) into out[0..5]: logprob .. topk_conf (float32), status (int8).
+void read_signals(const char* where, py::handle signals, HostArray* out) {
+  static PyObject* const fields[6] = {PyUnicode_InternFromString("logprob"), PyUnicode_InternFromString("entropy"),
+                                      PyUnicode_InternFromString("confidence"), PyUnicode_InternFromString("margin"),
+                                      PyUnicode_InternFromString("topk_conf"), PyUnicode_InternFromString("status")};
+  for (int f = 0; f < 6; ++f) {
+    PyObject* field = PyObject_GetAttr(signals.ptr(), fields[f]);
+    if (field == nullptr) {
+      PyErr_Clear();
+      throw py::type_error(std::string(where) + ": signals must have the attributes logprob, entropy, confidence, "
+                           "margin, topk_conf and status (a haltwise.Signals, say), got " + type_name(signals) +
+                           " without '" + py::str(fields[f]).cast<std::string>() + "'");
+    }
+    const auto owner = py::reinterpret_steal<py::object>(field);
+    out[f] = f < 5 ? host_array(where, owner, kInputNames[f + 1], 'f', 4, "float32")
+                   : host_array(where, owner, kInputNames[f + 1], 'i', 1, "int8");
+  }
+}
+
 py::object step(PyScheduler& self, py::handle tokens, py::handle signals) {
   const auto held = lock(self);
   const int64_t rows = self.core.batch_size();
   HostArray inputs[7];
-  inputs[0] = host_array(tokens, kInputNames[0], 'i', 8, "int64");
+  inputs[0] = host_array("step", tokens, kInputNames[0], 'i', 8, "int64");
   StepInput in;
   if (signals.is_none() && rows == 0 && inputs[0].size == 0) {
     static const float no_signal = 0;
@@ -118,21 +141,7 @@ py::object step(PyScheduler& self, py::handle tokens, py::handle signals) {
     for (auto& p : in.signals) p = reinterpret_cast<const char*>(&no_signal);
     in.status = reinterpret_cast<const char*>(&no_status);
   } else {
-    static PyObject* const fields[6] = {PyUnicode_InternFromString("logprob"), PyUnicode_InternFromString("entropy"),
-                                        PyUnicode_InternFromString("confidence"), PyUnicode_InternFromString("margin"),
-                                        PyUnicode_InternFromString("topk_conf"), PyUnicode_InternFromString("status")};
-    for (int f = 0; f < 6; ++f) {
-      PyObject* field = PyObject_GetAttr(signals.ptr(), fields[f]);
-      if (field == nullptr) {
-        PyErr_Clear();
-        throw py::type_error("step: signals must have the attributes logprob, entropy, confidence, margin, "
-                             "topk_conf and status (a haltwise.Signals, say), got " + type_name(signals) +
-                             " without '" + py::str(fields[f]).cast<std::string>() + "'");
-      }
-      const auto owner = py::reinterpret_steal<py::object>(field);
-      inputs[f + 1] = f < 5 ? host_array(owner, kInputNames[f + 1], 'f', 4, "float32")
-                            : host_array(owner, kInputNames[f + 1], 'i', 1, "int8");
-    }
+    read_signals("step", signals, inputs + 1);
     for (int f = 0; f < 5; ++f) {
       in.signals[f] = inputs[f + 1].data;
       in.signal_strides[f] = inputs[f + 1].stride;
@@ -155,6 +164,48 @@ py::object step(PyScheduler& self, py::handle tokens, py::handle signals) {
     self.core.step(in, data.get());
   }
   return new_plan(std::move(data), self.core.layout() == Layout::kSlots);
+}
+
+
+// StopTable.feed: the arrays as Scheduler.step reads them, one per token fed.
+struct PyStopTable {
+  StopTable core;
+  std::mutex busy;
+};
+
+py::array feed(PyStopTable& self, py::handle handles, py::handle tokens, py::handle signals) {
+  const std::unique_lock<std::mutex> held(self.busy, std::try_to_lock);
+  if (!held.owns_lock())
+    throw std::runtime_error("StopTable: called from two threads at once; a StopTable is not thread-safe");
+  HostArray inputs[8];
+  inputs[0] = host_array("StopTable.feed", tokens, kInputNames[0], 'i', 8, "int64");
+  read_signals("StopTable.feed", signals, inputs + 1);
+  inputs[7] = host_array("StopTable.feed", handles, "handles", 'i', 8, "int64");
+  const int64_t n = inputs[7].size;
+  for (int f = 0; f < 7; ++f)
+    if (inputs[f].size != n)
+      throw std::invalid_argument(std::string("StopTable.feed: ") + kInputNames[f] + " must have shape (" +
+                                  std::to_string(n) + ",) (one per handle), got (" + std::to_string(inputs[f].size) +
+                                  ",)");
+  FeedInput in;
+  in.n = n;
+  in.handles = inputs[7].data;
+  in.handles_stride = inputs[7].stride;
+  in.tokens = inputs[0].data;
+  in.tokens_stride = inputs[0].stride;
+  for (int f = 0; f < 5; ++f) {
+    in.signals[f] = inputs[f + 1].data;
+    in.signal_strides[f] = inputs[f + 1].stride;
+  }
+  in.status = inputs[6].data;
+  in.status_stride = inputs[6].stride;
+  py::array_t<int8_t> reasons(n);
+  int8_t* out = reasons.mutable_data();
+  {
+    py::gil_scoped_release release;
+    self.core.feed(in, out);
+  }
+  return std::move(reasons);
 }
 
 }  // namespace
@@ -299,6 +350,24 @@ void bind_scheduler(py::module_& m) {
       .def_property_readonly("layout",
                              [](PyScheduler& s) { return s.core.layout() == Layout::kSlots ? "slots" : "compact"; })
       .def_property_readonly("batch_size", [](PyScheduler& s) { return s.core.batch_size(); });
+
+  py::class_<PyStopTable>(m, "StopTable",
+                          "Stop states fed by handle, for a caller that owns its batch (haltwise.integrations."
+                          "vllm_rows). feed() returns one reason code per token: a StopReason value, 0 for none, "
+                          "-1 for a token not fed (its entry had stopped).")
+      .def(py::init<>())
+      .def(
+          "add",
+          [](PyStopTable& t, std::shared_ptr<StopRules> rules, int64_t max_new_tokens) {
+            return t.core.add(std::move(rules), max_new_tokens);
+          },
+          py::arg("rules"), py::arg("max_new_tokens"))
+      .def(
+          "remove", [](PyStopTable& t, int64_t handle) { t.core.remove(handle); }, py::arg("handle"))
+      .def(
+          "num_tokens", [](PyStopTable& t, int64_t handle) { return t.core.num_tokens(handle); }, py::arg("handle"))
+      .def("feed", &feed, py::arg("handles"), py::arg("tokens"), py::arg("signals"))
+      .def("__len__", [](PyStopTable& t) { return t.core.size(); });
 }
 
 }  // namespace binding

@@ -1,4 +1,4 @@
-// haltwise._core.Scheduler, StopRules, StepPlan and Finished (csrc/bindings/py_scheduler.cc).
+// haltwise._core.Scheduler, StopRules, StopTable, StepPlan and Finished (csrc/bindings/py_scheduler.cc).
 #pragma once
 
 #include <pybind11/pybind11.h>

@@ -3,11 +3,12 @@ haltwise native core: the fused CPU signal kernel and the batch scheduler
 """
 from __future__ import annotations
 import collections.abc
+import numpy
 import typing
 import numpy as np
 import numpy.typing as npt
 from haltwise.scheduler import StopReason
-__all__: list[str] = ['Finished', 'MAX_NEW_TOKENS', 'MAX_TOP_K_CONF', 'MAX_WINDOW', 'STATUS_NAN', 'STATUS_NO_FINITE', 'STATUS_POSINF', 'Scheduler', 'StepPlan', 'StopRules', 'philox4x32_10', 'scheduler_register_types', 'signals_cpu', 'signals_cpu_isa']
+__all__: list[str] = ['Finished', 'MAX_NEW_TOKENS', 'MAX_TOP_K_CONF', 'MAX_WINDOW', 'STATUS_NAN', 'STATUS_NO_FINITE', 'STATUS_POSINF', 'Scheduler', 'StepPlan', 'StopRules', 'StopTable', 'philox4x32_10', 'scheduler_register_types', 'signals_cpu', 'signals_cpu_isa']
 class Finished:
     """
     A sequence that ended (haltwise.Finished documents the fields).
@@ -143,6 +144,22 @@ class Scheduler:
         ...
     @property
     def layout(self) -> str:
+        ...
+class StopTable:
+    """
+    Stop states fed by handle, for a caller that owns its batch (haltwise.integrations.vllm_rows). feed() returns one reason code per token: a StopReason value, 0 for none, -1 for a token not fed (its entry had stopped).
+    """
+    def __init__(self) -> None:
+        ...
+    def __len__(self) -> int:
+        ...
+    def add(self, rules: StopRules, max_new_tokens: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def feed(self, handles: typing.Any, tokens: typing.Any, signals: typing.Any) -> numpy.ndarray:
+        ...
+    def num_tokens(self, handle: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def remove(self, handle: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
 def philox4x32_10(counter: typing.Annotated[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], "FixedSize(4)"], key: typing.Annotated[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], "FixedSize(2)"]) -> typing.Annotated[list[int], "FixedSize(4)"]:
     """

@@ -26,9 +26,10 @@ Each step (``apply``):
 
 1. For every row that asked, the tokens vLLM sampled since the last step are fed,
    with the signals of the logits they were sampled from, to that request's stop
-   rules: a one-slot native :class:`haltwise.Scheduler` per request (the same C++
-   LOW_CONFIDENCE / CONFIDENT / INVALID_LOGITS rules as the decode loop and the HF
-   integration; EOS, stop strings and max_tokens stay vLLM's). The logprob fed to the
+   rules: its entry in a native :class:`haltwise.stop_table.StopTable`, all rows in
+   one call per signalled step (the same C++ LOW_CONFIDENCE / CONFIDENT /
+   INVALID_LOGITS rules as the decode loop and the HF integration; EOS, stop strings
+   and max_tokens stay vLLM's). The logprob fed to the
    rules is that of the token vLLM chose: ``x[token] - logsumexp(x)`` over the raw
    logits, with the logsumexp recovered from the fused pass (``x[argmax] - logprob``).
 2. A row whose rules fired gets its logits forced to its end token (the request's

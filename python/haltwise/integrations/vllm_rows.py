@@ -13,13 +13,15 @@ import math
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ..metrics import HaltwiseMetrics
-from ..scheduler import MAX_NEW_TOKENS, Scheduler, StopConfig, StopReason, check_int
+from ..scheduler import MAX_NEW_TOKENS, StopConfig, StopReason, check_int
 from ..signals import signals
 from ..signals_types import MAX_TOP_K_CONF
 from ..stepper import HostSignals
+from ..stop_table import StopTable
 
 __all__ = ["RowTable", "HaltwiseSettings", "parse_settings", "end_token", "topk_confidence", "EXTRA_ARGS_KEY",
            "SETTING_KEYS"]
@@ -93,56 +95,47 @@ class _StepSignals:
     sampled token arrives: that step's logits (on their device) and logsumexp,
     for the sampled token's logprob, and the other signals on the host."""
 
-    __slots__ = ("x", "lse", "entropy", "confidence", "margin", "topk", "status")
+    __slots__ = ("serial", "x", "lse", "host", "status")
 
-    def __init__(self, x: torch.Tensor, out) -> None:
+    def __init__(self, serial: int, x: torch.Tensor, out) -> None:
+        self.serial = serial  # steps are fed oldest first
         self.x = x  # [n, V], the gathered rows (a copy the fused pass needs anyway)
         self.lse = x.gather(1, out.token[:, None]).squeeze(1) - out.logprob  # x[argmax] - logprob(argmax)
-        host = torch.stack((out.entropy, out.confidence, out.margin, out.topk_conf)).tolist()  # one transfer
-        self.entropy, self.confidence, self.margin, self.topk = host
-        self.status = out.status.tolist()
+        # [4, n] float32: entropy, confidence, margin, topk_conf (one transfer)
+        self.host = torch.stack((out.entropy, out.confidence, out.margin, out.topk_conf)).cpu().numpy()
+        self.status = out.status.cpu().numpy()
 
-    def logprobs(self, js: list[int], tokens: list[int]) -> list[float]:
+    def logprobs(self, js: npt.NDArray[np.int64], tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         """The logprob of ``tokens[i]`` in row ``js[i]`` (NaN for a token outside the
         vocabulary): one gather, one transfer."""
-        V = self.x.shape[1]
-        valid = [0 <= t < V for t in tokens]
-        device = self.x.device
-        j = torch.tensor(js, dtype=torch.int64, device=device)
-        t = torch.tensor([tok if ok else 0 for tok, ok in zip(tokens, valid)], dtype=torch.int64, device=device)
-        values = (self.x[j, t].float() - self.lse[j].float()).tolist()
-        return [v if ok else math.nan for v, ok in zip(values, valid)]
+        valid = (tokens >= 0) & (tokens < self.x.shape[1])
+        j = torch.from_numpy(js).to(self.x.device)
+        t = torch.from_numpy(np.where(valid, tokens, 0)).to(self.x.device)
+        values = (self.x[j, t].float() - self.lse[j].float()).cpu().numpy()
+        return np.where(valid, values, np.float32(np.nan)).astype(np.float32, copy=False)
+
+    def fed_signals(self, js: npt.NDArray[np.int64], tokens: npt.NDArray[np.int64]) -> HostSignals:
+        """Rows ``js`` of this step's signals, with the logprobs of ``tokens``."""
+        entropy, confidence, margin, topk = self.host[:, js]
+        return HostSignals(self.logprobs(js, tokens), entropy, confidence, margin, topk, self.status[js])
 
 
 class _Row:
-    """One request that asked: its stop rules, the steps whose sampled token it has
-    not fed yet, and the one-row arrays its tokens are fed through (reused)."""
+    """One request that asked: its entry in the RowTable's StopTable and the steps
+    whose sampled token it has not fed yet."""
 
-    __slots__ = ("settings", "out", "end", "max_tokens", "rules", "fed", "seen_len", "pending", "stopped", "reason",
-                 "token", "signals")
+    __slots__ = ("settings", "out", "end", "max_tokens", "handle", "start", "fed", "seen_len", "pending", "stopped",
+                 "reason")
 
-    def __init__(self, settings: HaltwiseSettings, out: list[int], end: int, max_tokens: int | None = None):
-        self.settings, self.out, self.end, self.max_tokens = settings, out, end, max_tokens
-        self.rules = Scheduler(1, layout="slots")
-        self.rules.submit(0, max_new_tokens=_NO_LIMIT, stop=settings.stop)
-        self.rules.step(np.zeros(0, dtype=np.int64), HostSignals.zeros(0))  # admits it
-        self.fed = len(out)  # output tokens already accounted for (a resumed request keeps its own)
+    def __init__(self, settings: HaltwiseSettings, out: list[int], end: int, handle: int,
+                 max_tokens: int | None = None):
+        self.settings, self.out, self.end, self.handle, self.max_tokens = settings, out, end, handle, max_tokens
+        self.start = len(out)  # output tokens it came with (a resumed request keeps its own)
+        self.fed = len(out)  # output tokens accounted for
         self.seen_len = len(out)  # len(out) at the last apply, placeholders included
         self.pending: collections.deque = collections.deque()  # (_StepSignals, row in it), oldest first
         self.stopped = False
         self.reason: str | None = None
-        self.token = np.zeros(1, dtype=np.int64)
-        f = lambda: np.zeros(1, dtype=np.float32)  # noqa: E731
-        self.signals = HostSignals(f(), f(), f(), f(), f(), np.zeros(1, dtype=np.int8))
-
-    def feed(self, token: int, logprob: float, step: _StepSignals, j: int) -> list:
-        """Step the rules on one sampled token with its step's signals; what finished."""
-        self.token[0] = token
-        s = self.signals
-        s.logprob[0], s.entropy[0], s.confidence[0] = logprob, step.entropy[j], step.confidence[j]
-        s.margin[0], s.topk_conf[0], s.status[0] = step.margin[j], step.topk[j], step.status[j]
-        self.fed += 1
-        return self.rules.step(self.token, s).finished
 
 
 class RowTable:
@@ -154,6 +147,8 @@ class RowTable:
 
     def __init__(self, metrics: HaltwiseMetrics | None = None):
         self.rows: dict[int, _Row] = {}
+        self.table = StopTable()  # the rows' stop rules, fed once per signalled step
+        self._serial = 0
         self.stats: collections.Counter = collections.Counter()
         self.metrics = metrics
 
@@ -168,7 +163,10 @@ class RowTable:
     # ---- batch bookkeeping ------------------------------------------------------
 
     def _end(self, row: _Row | None) -> None:
-        if row is not None and not row.stopped:
+        if row is None:
+            return
+        self.table.remove(row.handle)
+        if not row.stopped:
             self._count("vllm")
 
     def update(self, batch_update) -> None:
@@ -187,7 +185,8 @@ class RowTable:
                                "to end it with; it decodes uncut")
                 self._count("no_end_token")
                 continue
-            self.rows[index] = _Row(settings, out, end, getattr(params, "max_tokens", None))
+            handle = self.table.add(settings.stop)
+            self.rows[index] = _Row(settings, out, end, handle, getattr(params, "max_tokens", None))
         for a, b, direction in batch_update.moved:
             row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
             if row_a is not None:
@@ -215,38 +214,45 @@ class RowTable:
             step, j = row.pending.popleft()
             feeds.append((row, step, j, row.out[k]))
             k += 1
+        row.fed = k  # all of them, unless the row stops on one (then _feed sets it)
 
     def _feed(self, feeds: list) -> int:
-        """Feed the queued tokens to their rows' rules, in order, until a row stops;
-        the sampled tokens' logprobs are one gather per signalled step. Returns how
-        many were fed."""
+        """Feed the queued tokens to their rows' rules: one native call per signalled
+        step, oldest first (a row's tokens come from successive steps, so each row
+        is fed in order and takes nothing after it stops). Returns how many were fed."""
         by_step: dict[int, tuple[_StepSignals, list[int]]] = {}
-        for i, (_row, step, _j, _token) in enumerate(feeds):
-            if step is not None:
-                by_step.setdefault(id(step), (step, []))[1].append(i)
-        logprobs = [math.nan] * len(feeds)
-        for step, items in by_step.values():
-            values = step.logprobs([feeds[i][2] for i in items], [feeds[i][3] for i in items])
-            for i, value in zip(items, values):
-                logprobs[i] = value
-        fed = 0
-        for (row, step, j, token), logprob in zip(feeds, logprobs):
-            if row.stopped:
-                continue
+        untracked = []
+        for i, (row, step, _j, _token) in enumerate(feeds):
             if step is None:
+                untracked.append(row)
+            else:
+                by_step.setdefault(step.serial, (step, []))[1].append(i)
+        fed = 0
+        for serial in sorted(by_step):
+            step, items = by_step[serial]
+            rows = [feeds[i][0] for i in items]
+            js = np.array([feeds[i][2] for i in items], dtype=np.int64)
+            tokens = np.array([feeds[i][3] for i in items], dtype=np.int64)
+            handles = np.array([row.handle for row in rows], dtype=np.int64)
+            codes = self.table.feed(handles, tokens, step.fed_signals(js, tokens))
+            fed += int(np.count_nonzero(codes >= 0))
+            for i in np.flatnonzero(codes > 0).tolist():
+                self._stopped(rows[i], StopReason(int(codes[i])).name)
+        for row in untracked:
+            if not row.stopped:
                 logger.warning("haltwise: more sampled tokens than signalled steps (speculative decoding?); "
                                "the request decodes uncut from here")
                 row.stopped, row.reason = True, "untracked"
                 self._count("untracked")
-                continue
-            fed += 1
-            for finished in row.feed(token, logprob, step, j):
-                row.stopped, row.reason = True, StopReason(finished.reason).name
-                self._count(row.reason)
-                if self.metrics is not None and row.max_tokens is not None and row.reason in _SAVING:
-                    # the forced end token is one more output token
-                    self.metrics.record_tokens(0, max(0, row.max_tokens - row.fed - 1))
         return fed
+
+    def _stopped(self, row: _Row, reason: str) -> None:
+        row.stopped, row.reason = True, reason
+        row.fed = row.start + self.table.num_tokens(row.handle)
+        self._count(reason)
+        if self.metrics is not None and row.max_tokens is not None and reason in _SAVING:
+            # the forced end token is one more output token
+            self.metrics.record_tokens(0, max(0, row.max_tokens - row.fed - 1))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
@@ -269,7 +275,8 @@ class RowTable:
         for k, rows in running.items():
             idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
             x = logits.index_select(0, idx)  # [n, V], this step's logits of those rows (a copy, kept for the next step)
-            step = _StepSignals(x, signals(x, temperature=0.0, top_k_conf=k))  # one fused pass
+            self._serial += 1
+            step = _StepSignals(self._serial, x, signals(x, temperature=0.0, top_k_conf=k))  # one fused pass
             for j, index in enumerate(rows):
                 self.rows[index].pending.append((step, j))
         if self.metrics is not None and fed:
