@@ -109,6 +109,8 @@ def test_rows_follow_their_requests_through_batch_updates(steps, ask_mask):
         assert set(table.rows) == set(expect)
         for i, out in expect.items():
             assert table.rows[i].out is out
+        assert len(table.table) == len(table.rows)  # a request that left frees its stop state
+        assert len({row.handle for row in table.rows.values()}) == len(table.rows)
         assert table.stats["vllm"] == ended
 
 

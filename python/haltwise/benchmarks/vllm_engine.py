@@ -20,7 +20,7 @@ Then the throughput check: the same uncut traces (a) with the processor loaded a
 every request asking with a threshold that never fires ("loaded, never cutting"),
 (b) on a second engine without the processor, and (c) with the top-20 logprobs of
 every token returned to the client, alternating over ``--throughput-rounds``
-rounds with both engines up. ``throughput.ratio`` = median over the rounds of
+rounds (default 5) with both engines up. ``throughput.ratio`` = median over the rounds of
 (a) / (b).
 vLLM starts worker processes with spawn: run this as a module or script, not from an
 interactive session.
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", type=int, default=100)
     ap.add_argument("--traces", type=int, default=16)
     ap.add_argument("--throughput-problems", type=int, default=32)
-    ap.add_argument("--throughput-rounds", type=int, default=3)
+    ap.add_argument("--throughput-rounds", type=int, default=5)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-throughput", action="store_true")
