@@ -193,10 +193,12 @@ def test_a_new_bucket_starts_exact_before_anything_is_certified():
     exact = Strategy(K, 2, "unbeatable", 1.0)
     strategies = ((2, "beta", 0.9, "majority"), (2, "unbeatable", 1.0, "majority"))
     assert PolicyConfig().start == "exact"
-    served = [p for p in _uncertified_plans(Policy(PolicyConfig(**SMALL, strategies=strategies)), 40)
-              if p.kind == "policy"]
+    policy = Policy(PolicyConfig(**SMALL, strategies=strategies))
+    served = [p for p in _uncertified_plans(policy, 40) if p.kind == "policy"]
     assert served and all(p.strategy == exact and p.threshold is None and p.traces == K and p.how != "certified"
                           for p in served)
+    # the user-report guard counts their answers as uncut ones: they are the uncut answers
+    assert {policy.store.request(p.request_id)["sliced"] for p in served} == {"uncut"}
     for cfg, kw in ((PolicyConfig(**SMALL, strategies=strategies, start="uncut"), {}),
                     (PolicyConfig(**SMALL, strategies=((2, "beta", 0.9, "majority"),)), {}),
                     (PolicyConfig(**SMALL, strategies=strategies), {"consensus": False})):

@@ -258,7 +258,7 @@ class PolicyConfig:
             return 0
         rows = self.strategy_rows
         return next((r for r in range(len(self.trace_options), len(rows))
-                     if rows[r].consensus == "unbeatable" and not rows[r].warmup), 0)
+                     if rows[r].consensus == "unbeatable" and rows[r].exact), 0)
 
     @property
     def normal_rows(self) -> tuple[int, ...]:

@@ -422,7 +422,10 @@ class Policy:
         strategy = cfg.strategy_rows[row]
         if kind == "policy":
             traces = strategy.traces
-        sliced = "cut" if kind == "policy" and (threshold is not None or row != 0) else "uncut"
+        # the user-report guard compares answers served with a cut to uncut ones: an exact strategy's
+        # answer (all K traces, or unbeatable with no threshold) is the uncut answer
+        exact = threshold is None and strategy.exact and strategy.traces == cfg.traces
+        sliced = "cut" if kind == "policy" and not exact else "uncut"
         for bucket in warm:
             bucket.warmup_planned.append(request_id)
             changed.add(bucket.name)

@@ -81,6 +81,13 @@ class Strategy:
             parts.append(f"DeepConf warm-up {self.warmup} keep {self.keep_percent:g}%")
         return ", ".join(parts)
 
+    @property
+    def exact(self) -> bool:
+        """Its vote is the vote of all its traces uncut (no cut, and no warm-up
+        threshold): no consensus, or "unbeatable" (it stops only once the leader
+        can no longer be overturned)."""
+        return self.consensus in (None, "unbeatable") and not self.warmup
+
     def waves(self) -> list[range]:
         """The traces in the order they start: the warm-up alone, then waves."""
         K, w = self.traces, self.warmup
