@@ -61,22 +61,26 @@ def test_between_checkpoints_an_evaluation_only_removes():
 
 
 def test_policy_families_match_the_chain_design():
-    cfg = PolicyConfig(traces=16, overload_traces=(8,), strategies=((4, "unbeatable", 1.0, "majority"),))
+    cfg = PolicyConfig(traces=16, overload_traces=(8,), strategies=((4, "unbeatable", 1.0, "majority"),),
+                       overload_strategies=((2, "beta", 0.8, "majority"),))
     rng = np.random.default_rng(1)
-    harms = rng.integers(0, 6, size=(3, 41)).tolist()
-    helps = rng.integers(0, 6, size=(3, 41)).tolist()
+    harms = rng.integers(0, 6, size=(4, 41)).tolist()
+    helps = rng.integers(0, 6, size=(4, 41)).tolist()
     fam = policy_families(cfg, harms, helps, 400, "mcnemar")
-    assert set(fam) == {"normal", "normal/2", "overload/16", "overload/8", "overload/s2"}
+    # the overload-only strategy (row 3) has an overload family and no normal one
+    assert set(fam) == {"normal", "normal/2", "overload/16", "overload/8", "overload/s2", "overload/s3"}
     # normal mode: Bonferroni over the plain grid (3 chains) and the consensus strategy (1 chain from no cut)
     assert fam["normal"](0.1) == ltt.certified_set(harms[0][1:], helps[0][1:], 400, epsilon=0.02, delta=0.05,
                                                    test="mcnemar", starts=3)
     assert fam["normal/2"](0.1) == ltt.certified_set(harms[2], helps[2], 400, epsilon=0.02, delta=0.05,
                                                      test="mcnemar", starts=1)
-    # overload: weights 1 (all traces), 2 (fewer traces), 1 (consensus) -> shares 1/4, 1/2, 1/4
-    assert fam["overload/8"](0.08) == ltt.certified_set(harms[1], helps[1], 400, epsilon=0.05, delta=0.04,
+    # overload: weights 1 (all traces), 2 (fewer traces), 1 (each consensus strategy) -> 1/5, 2/5, 1/5, 1/5
+    assert fam["overload/8"](0.1) == ltt.certified_set(harms[1], helps[1], 400, epsilon=0.05, delta=0.04,
+                                                       test="mcnemar", starts=1)
+    assert fam["overload/s2"](0.1) == ltt.certified_set(harms[2], helps[2], 400, epsilon=0.05, delta=0.02,
                                                         test="mcnemar", starts=1)
-    assert fam["overload/s2"](0.08) == ltt.certified_set(harms[2], helps[2], 400, epsilon=0.05, delta=0.02,
-                                                         test="mcnemar", starts=1)
+    assert fam["overload/s3"](0.1) == ltt.certified_set(harms[3], helps[3], 400, epsilon=0.05, delta=0.02,
+                                                        test="mcnemar", starts=1)
 
 
 def test_skipping_non_checkpoint_evaluations_gives_the_same_outcome():

@@ -113,7 +113,8 @@ def test_strategy_best_searches_the_consensus_strategies_and_its_tokens_replay_e
     from haltwise.policy import strategy as strategies
     from haltwise.policy.replay import BankTraces, strategy_best
 
-    config = PolicyConfig(traces=8, overload_traces=(8,), strategies=((2, "beta", 0.8, "majority"),))
+    config = PolicyConfig(traces=8, overload_traces=(8,), strategies=((2, "beta", 0.8, "majority"),),
+                          overload_strategies=())
     traces = BankTraces(bank, config)
     stream = make_stream(bank, ReplayConfig(requests=300, seed=3), 8)
     best = strategy_best(stream, traces, bank, config)
@@ -121,8 +122,13 @@ def test_strategy_best_searches_the_consensus_strategies_and_its_tokens_replay_e
     assert names == ["K=8", "K=8, waves of 2, beta 0.8"]
     # on this bank the consensus strategy wins (it stops on agreeing pairs), so its replay is what is checked
     assert best["strategy"] == "K=8, waves of 2, beta 0.8" and best["em"] >= best["em_uncut"] - config.epsilon
-    plain_only = strategy_best(stream, traces, bank, PolicyConfig(traces=8, overload_traces=(8,), strategies=()))
+    plain_only = strategy_best(stream, traces, bank, PolicyConfig(traces=8, overload_traces=(8,), strategies=(),
+                                                                  overload_strategies=()))
     assert best["saved"] > plain_only["saved"]
+    # an overload-only strategy is never served in normal operation: not a candidate of strategy_best
+    overload_only = PolicyConfig(traces=8, overload_traces=(8,), strategies=(),
+                                 overload_strategies=((2, "beta", 0.8, "majority"),))
+    assert strategy_best(stream, BankTraces(bank, overload_only), bank, overload_only) == plain_only
     strategy = config.strategy_rows[names.index(best["strategy"])]
     threshold = -np.inf if best["threshold"] is None else best["threshold"]
     right = 0

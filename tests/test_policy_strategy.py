@@ -149,12 +149,13 @@ def test_a_deepconf_warmup_strategy_is_one_candidate_with_its_own_threshold():
     certified as one candidate (no grid threshold), and a plan under it runs
     no fixed threshold."""
     cfg = PolicyConfig(**SMALL, strategies=((0, None, 1.0, "majority", 2, 10.0),))
-    assert cfg.strategy_rows[-1] == Strategy(K, consensus_threshold=1.0, warmup=2, keep_percent=10.0)
-    assert "DeepConf warm-up 2 keep 10%" in cfg.strategy_rows[-1].name
+    warmup = cfg.strategy_rows[len(cfg.trace_options)]  # the first (only) consensus strategy row
+    assert warmup == Strategy(K, consensus_threshold=1.0, warmup=2, keep_percent=10.0)
+    assert "DeepConf warm-up 2 keep 10%" in warmup.name
     policy = Policy(cfg)
     plans = _agreeing_stream(policy, 150, 1)
     certified = policy._buckets[""].last_eval["strategies_certified"]
-    assert certified[cfg.strategy_rows[-1].name] == 1  # its "no grid threshold" column only
+    assert certified[warmup.name] == 1  # its "no grid threshold" column only
     under = [p for p in plans if p.kind == "policy" and p.strategy.warmup]
     assert all(p.threshold is None and p.stop.low_conf_threshold is None for p in under)
 
@@ -170,6 +171,53 @@ def test_fewer_traces_can_be_certified_for_normal_operation():
     plans = _agreeing_stream(Policy(cfg), 150, 2)
     last = [p for p in plans[-20:] if p.kind == "policy"]
     assert last and all(p.traces == 2 and p.strategy == Strategy(2) for p in last)
+
+
+def test_an_overload_only_strategy_is_served_in_overload_only():
+    """overload_strategies are replayed on the control requests and certified at
+    epsilon_overload like the others, but they are no normal-mode path: never
+    in force in normal operation (min_evidence does not grow), and the
+    strategy an overloaded bucket runs when it saves most."""
+    strategies = ((2, "unbeatable", 1.0, "majority"),)
+    aggressive = Strategy(K, 2, "beta", 0.6)
+    cfg = PolicyConfig(**SMALL, strategies=strategies, overload_strategies=((2, "beta", 0.6, "majority"),),
+                       overload_traces=(K,))  # no fewer-trace options: the consensus strategies compete
+    assert cfg.strategy_rows[-1] == aggressive and list(cfg.overload_only_rows) == [len(cfg.strategy_rows) - 1]
+    assert cfg.normal_rows == tuple(range(len(cfg.trace_options), len(cfg.strategy_rows) - 1))
+    assert cfg.min_evidence == PolicyConfig(**SMALL, strategies=strategies, overload_strategies=(),
+                                            overload_traces=(K,)).min_evidence
+    policy = Policy(cfg)
+    normal = _agreeing_stream(policy, 150, 3)
+    assert all(p.strategy != aggressive for p in normal)
+    assert policy.thresholds()[""]["strategy"] != aggressive.name
+    policy.observe_load(queue_depth=1000.0)
+    assert policy.observe_load(queue_depth=1000.0)  # enter_after=2 hot observations: overloaded
+    rng = np.random.default_rng(4)
+    served = []
+    for rid in range(150, 190):
+        plan = policy.plan(rid)
+        served.append(plan)
+        policy.observe(rid, [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
+                                          signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
+                             for _ in range(plan.traces)])
+    served = [p for p in served if p.kind == "policy"]
+    assert served and all(p.overload and p.strategy == aggressive and p.epsilon == SMALL["epsilon_overload"]
+                          for p in served)
+    with pytest.raises(ValueError, match=r"overload_strategies\[0\] must be \(wave_size"):
+        PolicyConfig(**SMALL, overload_strategies=((2, "beta"),))
+
+
+def test_fewer_traces_turned_off_stay_off_through_a_round_trip():
+    """overload_traces=(traces,) turns the fewer-trace options off; re-validating
+    the config (the policy database's copy, a request class's config) keeps them
+    off instead of restoring the defaults."""
+    off = PolicyConfig(traces=8, overload_traces=(8,))
+    assert off.trace_options == (8,)
+    again = PolicyConfig.from_json(off.to_json())
+    assert again == off and again.trace_options == (8,)
+    assert off.for_class("standard").trace_options == (8,)
+    assert PolicyConfig(traces=8).trace_options == (8, 6, 4, 2)
+    Policy(off).close()  # stores the config and compares it with what it reads back
 
 
 def _uncertified_plans(policy: Policy, requests: int, **plan_kw) -> list:

@@ -39,6 +39,8 @@ class PolicyConfig:
     # plain one (K traces at once, no consensus); policy/strategy.py
     strategies: tuple = ((2, "unbeatable", 1.0, "majority"), (2, "beta", 0.9, "majority"),
                          (8, "beta", 0.99, "majority"))
+    # the same, certified for overload only (at epsilon_overload; never served in normal operation)
+    overload_strategies: tuple = ((2, "beta", 0.8, "majority"),)
     # request classes: (name, epsilon, traces) -- each certified on its own with its own budget; epsilon 0 never
     # cuts (every trace runs to its end); None: the config's epsilon / traces
     classes: tuple = (("critical", 0.0, None), ("standard", None, None), ("bulk", 0.05, None))
@@ -99,33 +101,18 @@ class PolicyConfig:
                             f"got {type(self.overload_traces).__name__}")
         options = tuple(check_int(_WHERE, "overload_traces[]", k, 1, self.traces) for k in self.overload_traces)
         default = {max(1, self.traces * 3 // 4), max(1, self.traces // 2), max(1, self.traces // 4)} - {self.traces}
-        set_("overload_traces", tuple(sorted(set(options) - {self.traces}, reverse=True))
-             if options else tuple(sorted(default, reverse=True)))
+        fewer = tuple(sorted(set(options) - {self.traces}, reverse=True))
+        # () asks for the default options; (traces,) turns them off and stays so when re-validated
+        # (from_json, dataclasses.replace)
+        set_("overload_traces", fewer or ((self.traces,) if options else tuple(sorted(default, reverse=True))))
         _choice("fewer_traces", self.fewer_traces, ("overload", "always"))
         _choice("signal", self.signal, CONF_SIGNALS)
         set_("window", check_int(_WHERE, "window", self.window, 1))
         set_("min_new_tokens", self.window if self.min_new_tokens is None
              else check_int(_WHERE, "min_new_tokens", self.min_new_tokens, 0))
         _choice("weighting", self.weighting, ("majority", "confidence"))
-        if isinstance(self.strategies, (str, bytes)) or not hasattr(self.strategies, "__iter__"):
-            raise TypeError(f"{_WHERE}: strategies must be a sequence of (wave_size, consensus, "
-                            f"consensus_threshold, weighting), got {type(self.strategies).__name__}")
-        rows = []
-        for i, item in enumerate(self.strategies):
-            if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) not in (4, 6):
-                raise ValueError(f"{_WHERE}: strategies[{i}] must be (wave_size, consensus, consensus_threshold, "
-                                 f"weighting[, warmup, keep_percent]), got {item!r}")
-            wave, rule, threshold, weighting, warmup, keep = (*item, 0, 90.0)[:6]
-            if rule is None and not warmup:
-                raise ValueError(f"{_WHERE}: strategies[{i}] needs a consensus rule or a DeepConf warm-up (the plain "
-                                 f"strategy is always there), got neither")
-            try:
-                Strategy(self.traces, wave, rule, float(threshold), weighting, warmup, float(keep))
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{_WHERE}: strategies[{i}]: {err}") from None
-            row = (int(wave), None if rule is None else str(rule), float(threshold), str(weighting))
-            rows.append(row + ((int(warmup), float(keep)) if warmup else ()))
-        set_("strategies", tuple(rows))
+        set_("strategies", self._strategy_items("strategies", self.strategies))
+        set_("overload_strategies", self._strategy_items("overload_strategies", self.overload_strategies))
         if isinstance(self.classes, (str, bytes)) or not hasattr(self.classes, "__iter__"):
             raise TypeError(f"{_WHERE}: classes must be a sequence of (name, epsilon, traces), "
                             f"got {type(self.classes).__name__}")
@@ -166,7 +153,8 @@ class PolicyConfig:
             raise ValueError(f"{_WHERE}: retest_ratio must be > 1, got {self.retest_ratio}")
         if self.min_evidence is None:  # the least n with which a chain's test can certify anything at checkpoint 1
             # (the single chain of another strategy row when there are any, else one of row 0's chains)
-            paths = 1 + (len(self.overload_traces) if self.fewer_traces == "always" else 0) + len(self.strategies)
+            paths = len(self.trace_options) if self.fewer_traces == "always" else 1
+            paths += len(self.strategies)
             share = 1.0 / paths
             chains = 1 if paths > 1 else self.chain_starts
             set_("min_evidence", min_evidence(self.epsilon, self.first_level * share / chains, "mcnemar"))
@@ -233,19 +221,47 @@ class PolicyConfig:
                 if eps == 0.0:
                     return None
                 own = dataclasses.replace(self, epsilon=eps, epsilon_overload=max(eps, self.epsilon_overload),
-                                          traces=traces, overload_traces=(), min_evidence=None, classes=(),
+                                          traces=traces, min_evidence=None, classes=(),
+                                          overload_traces=() if len(self.trace_options) > 1 else (traces,),
                                           evidence_window=2**31)  # the window follows once min_evidence is known
                 return dataclasses.replace(own, evidence_window=max(self.evidence_window, own.min_evidence))
         raise ValueError(f"{_WHERE}: unknown request class {name!r}; the classes are "
                          f"{[c[0] for c in self.classes]}")
 
+    def _strategy_items(self, name: str, items) -> tuple:
+        """The validated (wave_size, consensus, consensus_threshold, weighting[, warmup, keep_percent]) rows."""
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+            raise TypeError(f"{_WHERE}: {name} must be a sequence of (wave_size, consensus, "
+                            f"consensus_threshold, weighting), got {type(items).__name__}")
+        rows = []
+        for i, item in enumerate(items):
+            if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) not in (4, 6):
+                raise ValueError(f"{_WHERE}: {name}[{i}] must be (wave_size, consensus, consensus_threshold, "
+                                 f"weighting[, warmup, keep_percent]), got {item!r}")
+            wave, rule, threshold, weighting, warmup, keep = (*item, 0, 90.0)[:6]
+            if rule is None and not warmup:
+                raise ValueError(f"{_WHERE}: {name}[{i}] needs a consensus rule or a DeepConf warm-up (the plain "
+                                 f"strategy is always there), got neither")
+            try:
+                Strategy(self.traces, wave, rule, float(threshold), weighting, warmup, float(keep))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{_WHERE}: {name}[{i}]: {err}") from None
+            row = (int(wave), None if rule is None else str(rule), float(threshold), str(weighting))
+            rows.append(row + ((int(warmup), float(keep)) if warmup else ()))
+        return tuple(rows)
+
     @property
     def strategy_rows(self) -> tuple[Strategy, ...]:
         """The rows a control request is replayed with: all K traces with no
-        consensus (row 0), the overload trace options, then the consensus
-        strategies with K traces."""
+        consensus (row 0), the overload trace options, the consensus
+        strategies with K traces, then the overload-only strategies."""
         plain = tuple(Strategy(k, weighting=self.weighting) for k in self.trace_options)
-        return plain + tuple(Strategy(self.traces, *row) for row in self.strategies)
+        return plain + tuple(Strategy(self.traces, *row) for row in self.strategies + self.overload_strategies)
+
+    @property
+    def overload_only_rows(self) -> range:
+        """Strategy rows of overload_strategies: certified and served in overload only."""
+        return range(len(self.trace_options) + len(self.strategies), len(self.strategy_rows))
 
     @property
     def start_row(self) -> int:
@@ -257,19 +273,19 @@ class PolicyConfig:
         if self.start != "exact":
             return 0
         rows = self.strategy_rows
-        return next((r for r in range(len(self.trace_options), len(rows))
+        return next((r for r in range(len(self.trace_options), self.overload_only_rows.start)
                      if rows[r].consensus == "unbeatable" and rows[r].exact), 0)
 
     @property
     def normal_rows(self) -> tuple[int, ...]:
         """Strategy rows certified for normal operation besides row 0 (each a Bonferroni path)."""
         fewer = range(1, len(self.trace_options)) if self.fewer_traces == "always" else range(0)
-        return tuple(fewer) + tuple(range(len(self.trace_options), len(self.strategy_rows)))
+        return tuple(fewer) + tuple(range(len(self.trace_options), self.overload_only_rows.start))
 
     @property
     def trace_options(self) -> tuple[int, ...]:
         """K' values a control request is replayed with: traces first, then the overload options."""
-        return (self.traces,) + self.overload_traces
+        return (self.traces,) + tuple(k for k in self.overload_traces if k != self.traces)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -278,7 +294,7 @@ class PolicyConfig:
     def from_json(cls, text: str) -> "PolicyConfig":
         data = json.loads(text)
         data["overload_traces"] = tuple(data.get("overload_traces", ()))
-        for name in ("strategies", "classes"):
+        for name in ("strategies", "overload_strategies", "classes"):
             if name in data:
                 data[name] = tuple(tuple(row) for row in data[name])
         known = {f.name for f in dataclasses.fields(cls)}
@@ -322,6 +338,8 @@ KNOBS: list[tuple[str, str]] = [
     ("strategies", "Strategies certified beside the plain one (K traces at once): (wave_size, consensus "
                    "'unbeatable' / 'beta' / 'run' / None, its threshold, weighting[, DeepConf warm-up traces, "
                    "keep_percent]); () certifies thresholds only."),
+    ("overload_strategies", "Strategies certified for overload only, at epsilon_overload (never served in normal "
+                            "operation), in the form of strategies."),
     ("classes", "Request classes (name, epsilon, traces), each certified on its own with its own budget "
                 "(plan(request_class=...)); epsilon 0 never cuts; None: the config's value."),
     ("warmup_requests", "First requests of a new bucket that run uncut and calibrate it."),

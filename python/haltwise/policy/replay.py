@@ -425,8 +425,8 @@ def _warmup_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank
 def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig) -> dict:
     """The best single static strategy in hindsight: among (trace count K' in
     the config's trace options) x (fixed cut threshold, 96 quantiles) and
-    (each of the config's consensus strategies) x (fixed cut threshold, 48
-    quantiles), the one with the fewest tokens whose vote EM over the stream
+    (each of the config's consensus strategies, not the overload-only ones) x
+    (fixed cut threshold, 48 quantiles), the one with the fewest tokens whose vote EM over the stream
     is >= the uncut K-trace EM - epsilon ("threshold" None: no cut, or a
     DeepConf warm-up strategy's own per-problem cut). "tokens": that
     strategy's tokens per request."""
@@ -434,6 +434,8 @@ def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, p
     best = None
     fine, coarse = _cut_grid(traces, FINE_LEVELS), _cut_grid(traces, COARSE_LEVELS)  # once for every row
     for r, strategy in enumerate(pc.strategy_rows):
+        if r in pc.overload_only_rows:  # never served in normal operation
+            continue
         if r < len(pc.trace_options):
             right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, strategy.traces, fine)
         else:
