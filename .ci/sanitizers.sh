@@ -19,7 +19,7 @@ repo="$(pwd)"
 
 python="${SANITIZE_PYTHON:-python3}"
 venv="${SANITIZE_VENV:-$repo/build/sanitize-venv}"
-tests="${SANITIZE_TESTS:-tests/test_scheduler_fuzz.py tests/test_scheduler.py tests/test_signals.py tests/test_fork.py}"
+tests="${SANITIZE_TESTS:-tests/test_scheduler_fuzz.py tests/test_scheduler.py tests/test_stop_table.py tests/test_signals.py tests/test_fork.py}"
 start=$(date +%s)
 
 if [ ! -x "$venv/bin/python" ]; then

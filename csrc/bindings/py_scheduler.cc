@@ -173,10 +173,17 @@ struct PyStopTable {
   std::mutex busy;
 };
 
-py::array feed(PyStopTable& self, py::handle handles, py::handle tokens, py::handle signals) {
-  const std::unique_lock<std::mutex> held(self.busy, std::try_to_lock);
+// feed() releases the GIL: a second thread calling in meanwhile (add() growing the table under it)
+// would be undefined behaviour, so every method takes the lock and says so out loud instead.
+std::unique_lock<std::mutex> lock(PyStopTable& t) {
+  std::unique_lock<std::mutex> held(t.busy, std::try_to_lock);
   if (!held.owns_lock())
     throw std::runtime_error("StopTable: called from two threads at once; a StopTable is not thread-safe");
+  return held;
+}
+
+py::array feed(PyStopTable& self, py::handle handles, py::handle tokens, py::handle signals) {
+  const auto held = lock(self);
   HostArray inputs[8];
   inputs[0] = host_array("StopTable.feed", tokens, kInputNames[0], 'i', 8, "int64");
   read_signals("StopTable.feed", signals, inputs + 1);
@@ -359,15 +366,29 @@ void bind_scheduler(py::module_& m) {
       .def(
           "add",
           [](PyStopTable& t, std::shared_ptr<StopRules> rules, int64_t max_new_tokens) {
+            const auto held = lock(t);
             return t.core.add(std::move(rules), max_new_tokens);
           },
           py::arg("rules"), py::arg("max_new_tokens"))
       .def(
-          "remove", [](PyStopTable& t, int64_t handle) { t.core.remove(handle); }, py::arg("handle"))
+          "remove",
+          [](PyStopTable& t, int64_t handle) {
+            const auto held = lock(t);
+            t.core.remove(handle);
+          },
+          py::arg("handle"))
       .def(
-          "num_tokens", [](PyStopTable& t, int64_t handle) { return t.core.num_tokens(handle); }, py::arg("handle"))
+          "num_tokens",
+          [](PyStopTable& t, int64_t handle) {
+            const auto held = lock(t);
+            return t.core.num_tokens(handle);
+          },
+          py::arg("handle"))
       .def("feed", &feed, py::arg("handles"), py::arg("tokens"), py::arg("signals"))
-      .def("__len__", [](PyStopTable& t) { return t.core.size(); });
+      .def("__len__", [](PyStopTable& t) {
+        const auto held = lock(t);
+        return t.core.size();
+      });
 }
 
 }  // namespace binding
