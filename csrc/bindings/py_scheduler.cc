@@ -99,12 +99,16 @@ struct PyScheduler {
   std::mutex busy;
 };
 
-std::unique_lock<std::mutex> lock(PyScheduler& s) {
-  std::unique_lock<std::mutex> held(s.busy, std::try_to_lock);
+// The owner's lock, or a clear error when another thread holds it (`what` names the class).
+std::unique_lock<std::mutex> try_lock(std::mutex& busy, const char* what) {
+  std::unique_lock<std::mutex> held(busy, std::try_to_lock);
   if (!held.owns_lock())
-    throw std::runtime_error("Scheduler: called from two threads at once; a scheduler is not thread-safe");
+    throw std::runtime_error(std::string(what) + ": called from two threads at once; a " + what +
+                             " is not thread-safe");
   return held;
 }
+
+std::unique_lock<std::mutex> lock(PyScheduler& s) { return try_lock(s.busy, "Scheduler"); }
 
 constexpr const char* kInputNames[7] = {"tokens",         "signals.logprob",   "signals.entropy", "signals.confidence",
                                         "signals.margin", "signals.topk_conf", "signals.status"};
@@ -167,7 +171,6 @@ py::object step(PyScheduler& self, py::handle tokens, py::handle signals) {
 }
 
 
-// StopTable.feed: the arrays as Scheduler.step reads them, one per token fed.
 struct PyStopTable {
   StopTable core;
   std::mutex busy;
@@ -175,13 +178,9 @@ struct PyStopTable {
 
 // feed() releases the GIL: a second thread calling in meanwhile (add() growing the table under it)
 // would be undefined behaviour, so every method takes the lock and says so out loud instead.
-std::unique_lock<std::mutex> lock(PyStopTable& t) {
-  std::unique_lock<std::mutex> held(t.busy, std::try_to_lock);
-  if (!held.owns_lock())
-    throw std::runtime_error("StopTable: called from two threads at once; a StopTable is not thread-safe");
-  return held;
-}
+std::unique_lock<std::mutex> lock(PyStopTable& t) { return try_lock(t.busy, "StopTable"); }
 
+// StopTable.feed: the arrays as Scheduler.step reads them, one per token fed.
 py::array feed(PyStopTable& self, py::handle handles, py::handle tokens, py::handle signals) {
   const auto held = lock(self);
   HostArray inputs[8];
