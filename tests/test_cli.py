@@ -213,3 +213,10 @@ def test_bench_engine_hf_refuses_options_it_cannot_honour(tmp_path, capsys, no_d
     weights.write_bytes(b"")
     assert main(["bench", "--engine", "hf", "--weights", str(weights)]) == 2
     _one_line_error(capsys, "--weights must be a checkpoint directory with --engine hf", str(weights))
+
+
+@pytest.mark.parametrize("flags, word", [(["--control-boost", "0.01"], "control_boost"),
+                                         (["--control-fraction", "1.5"], "control_fraction")])
+def test_replay_refuses_bad_policy_numbers_in_one_line(capsys, flags, word):
+    assert main(["replay", "--synthetic", "--requests", "50", *flags]) == 2
+    _one_line_error(capsys, word)

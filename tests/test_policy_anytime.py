@@ -48,15 +48,53 @@ def test_between_checkpoints_an_evaluation_only_removes():
     assert sets == {"f": []} and not at and calls == []  # before the first checkpoint: nothing
     state.labelled = 100
     sets, at = certifier.evaluate(state, {"f": family})
-    assert at and sets == {"f": [0, 1, 2]} and calls == [pytest.approx(0.1 * 6 / math.pi ** 2)]
+    assert at and sets == {"f": [0, 1, 2]} and calls == [pytest.approx(sched.level(1))]
     state.labelled = 150
     sets, at = certifier.evaluate(state, {"f": family})
-    assert not at and sets == {"f": [0, 1, 2]}  # the family offered 0..3: 3 is not added
+    assert not at and sets == {"f": [0, 1, 2]}  # the family offered more: nothing is added between checkpoints
     sets, _ = certifier.evaluate(state, {"f": lambda level: [1, 2]})
     assert sets == {"f": [1, 2]}  # removals take effect
+    sets, _ = certifier.evaluate(state, {"f": lambda level: [0, 1, 2, 3]})
+    assert sets == {"f": [0, 1, 2]}  # a candidate that failed one re-test is back when it passes the next
+    state.labelled = 200
+    calls.clear()
+    sets, at = certifier.evaluate(state, {"f": family})
+    assert at and state.checkpoints == 2 and calls[-1] == pytest.approx(sched.level(2))
+    assert AnytimeState.from_dict(state.to_dict()) == state
+
+
+def test_a_candidate_keeps_the_level_of_the_checkpoint_that_certified_it():
+    """Later checkpoints spend ever smaller levels on a window that stops
+    growing; a candidate certified earlier is re-tested at its own level, so
+    it is not lost merely because delta_j fell (it is lost when the window no
+    longer certifies it at that level)."""
+    sched = RetestSchedule(first=100, ratio=2.0, window=1000, delta=0.1)
+    certifier = Certifier(sched)
+    state = AnytimeState(labelled=100)
+    lenient = sched.level(1)
+
+    def family(level):  # 0 passes at any level; 1 and 2 only at the first checkpoint's level or above
+        return [0, 1, 2] if level >= lenient - 1e-15 else [0]
+
+    sets, at = certifier.evaluate(state, {"f": family})
+    assert at and sets == {"f": [0, 1, 2]} and state.held("f") == {0: 1, 1: 1, 2: 1}
     state.labelled = 200
     sets, at = certifier.evaluate(state, {"f": family})
-    assert at and state.checkpoints == 2 and calls[-1] == pytest.approx(0.1 * 6 / math.pi ** 2 / 4)
+    assert at and sets == {"f": [0, 1, 2]}  # the new level alone certifies only 0
+    assert state.held("f") == {0: 1, 1: 1, 2: 1}
+    state.labelled = 400
+    sets, at = certifier.evaluate(state, {"f": lambda level: [0, 1] if level >= lenient - 1e-15 else [0]})
+    assert at and sets == {"f": [0, 1]} and state.held("f") == {0: 1, 1: 1}  # 2 failed its own level: dropped
+    state.labelled = 800
+    sets, at = certifier.evaluate(state, {"f": lambda level: [0, 1, 2] if level <= sched.level(4) + 1e-15 else []})
+    # the held ones fail their level (an odd family, for the check): only what checkpoint 4 certifies remains
+    assert at and sets == {"f": [0, 1, 2]} and state.held("f") == {0: 4, 1: 4, 2: 4}
+
+
+def test_a_state_stored_without_certificate_levels_holds_the_last_checkpoints():
+    stored = {"labelled": 300, "checkpoints": 2, "sets": {"f": [0, 3]}}
+    state = AnytimeState.from_dict(stored)
+    assert state.held("f") == {0: 2, 3: 2}
     assert AnytimeState.from_dict(state.to_dict()) == state
 
 

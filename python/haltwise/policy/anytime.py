@@ -17,21 +17,28 @@ Method: alpha-spending over a pre-set schedule of checkpoints.
   window is full (c_j >= ``window``), then every ``window // 2`` labels.
 * The j-th checkpoint tests at level delta_j = delta * 6 / (pi^2 j^2)
   (sum over j = delta: the Basel series).
-* Only a checkpoint may *add* a candidate to the certified set. Evaluations
-  between checkpoints (every ``evaluate_every`` pieces of evidence, as
-  before) re-run the test at the last checkpoint's level and keep only the
-  candidates that the last checkpoint certified *and* that still pass: they
-  can lower the value in force, never raise it beyond the checkpoint's set.
-  When several checkpoints are passed at once (labels arriving in bulk) the
-  last one reached is tested, at its own level (the skipped levels are
-  simply not spent).
+* Only a checkpoint may *add* a candidate to the certified set. A candidate
+  keeps the level of the checkpoint that added it (its certificate level).
+  Every evaluation -- at a checkpoint or between them (every
+  ``evaluate_every`` pieces of evidence) -- re-runs each family at the
+  certificate levels it holds and keeps a held candidate only while the
+  current window still certifies it at its own level; a checkpoint then
+  adds what its own test certifies, at its level. So re-tests can lower the
+  value in force (drift, a window that turned), never raise it beyond what
+  some checkpoint certified; and a candidate is not lost merely because a
+  later checkpoint spends a smaller level on a window that cannot grow past
+  ``window`` (were each checkpoint to replace the set, the certified sets
+  would shrink as delta_j falls). When several checkpoints are passed at once
+  (labels arriving in bulk) the last one reached is tested, at its own
+  level (the skipped levels are simply not spent).
 
 Proof sketch. Let A_j be the event that the test at checkpoint j certifies a
 violator. Under the assumptions below the window used at checkpoint j is an
 i.i.d. sample of the bucket's paired differences whose size does not depend
 on their values, so P(A_j) <= delta_j (ltt.py: each chain design is a level
-delta_j family-wise test). Every certified set the policy ever holds is a
-subset of some checkpoint's set, and the value in force is always in the
+delta_j family-wise test). Every candidate the policy ever holds was
+certified by some checkpoint (re-tests only remove; how long a candidate is
+kept does not enter the argument), and the value in force is always in the
 current certified set, so {ever in force a violator} is contained in the
 union of the A_j, whose probability is at most sum_j delta_j = delta. The
 same argument applies to the overload test with epsilon_overload (its trace
@@ -141,18 +148,27 @@ class AnytimeState:
 
     labelled: int = 0  # labelled control requests seen since the grid froze
     checkpoints: int = 0  # checkpoints tested so far (j of the last one)
-    sets: dict[str, list[int]] = field(default_factory=dict)  # family -> certified at the last checkpoint
+    sets: dict[str, list[int]] = field(default_factory=dict)  # family -> candidates held (added by a checkpoint)
+    since: dict[str, list[int]] = field(default_factory=dict)  # family -> the checkpoint j that added each one
 
     def to_dict(self) -> dict:
         return {"labelled": self.labelled, "checkpoints": self.checkpoints,
-                "sets": {k: list(v) for k, v in self.sets.items()}}
+                "sets": {k: list(v) for k, v in self.sets.items()},
+                "since": {k: list(v) for k, v in self.since.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping | None) -> "AnytimeState":
         if not data:
             return cls()
-        return cls(labelled=int(data["labelled"]), checkpoints=int(data["checkpoints"]),
-                   sets={str(k): [int(i) for i in v] for k, v in data["sets"].items()})
+        sets = {str(k): [int(i) for i in v] for k, v in data["sets"].items()}
+        # a state stored before certificate levels were kept: its candidates came from the last checkpoint
+        since = data.get("since") or {k: [int(data["checkpoints"])] * len(v) for k, v in sets.items()}
+        return cls(labelled=int(data["labelled"]), checkpoints=int(data["checkpoints"]), sets=sets,
+                   since={str(k): [int(j) for j in v] for k, v in since.items()})
+
+    def held(self, name: str) -> dict[int, int]:
+        """Family `name`'s candidates -> the checkpoint that certified each."""
+        return dict(zip(self.sets.get(name, []), self.since.get(name, [])))
 
 
 # A family: level -> the candidates it certifies at that level (increasing indices).
@@ -216,17 +232,23 @@ class Certifier:
         candidates per family, whether this evaluation was a checkpoint).
         Updates `state` at a checkpoint."""
         reached = self.schedule.reached(state.labelled)
-        if reached > state.checkpoints:  # a checkpoint: the full test at its level; it may add candidates
-            level = self.schedule.level(reached)
-            state.checkpoints = reached
-            state.sets = {name: [int(c) for c in family(level)] for name, family in families.items()}
-            return {name: list(v) for name, v in state.sets.items()}, True
-        if state.checkpoints == 0:
+        checkpoint = reached > state.checkpoints
+        if not checkpoint and state.checkpoints == 0:
             return {name: [] for name in families}, False
-        # between checkpoints: only remove (what the last checkpoint certified and still passes)
-        level = self.schedule.level(state.checkpoints)
-        out = {}
+        out, since = {}, {}
         for name, family in families.items():
-            kept = state.sets.get(name, [])
-            out[name] = sorted(set(kept) & set(int(c) for c in family(level))) if kept else []
-        return out, False
+            held = state.held(name)
+            kept: dict[int, int] = {}
+            for j in sorted(set(held.values())):  # each held candidate re-tested at its own certificate level
+                passing = set(int(c) for c in family(self.schedule.level(j)))
+                kept.update((c, j) for c, cj in held.items() if cj == j and c in passing)
+            if checkpoint:  # the full test at the new checkpoint's level: it may add candidates
+                for c in family(self.schedule.level(reached)):
+                    kept.setdefault(int(c), reached)
+            out[name] = sorted(kept)
+            since[name] = [kept[c] for c in out[name]]
+        if checkpoint:  # between checkpoints the held sets stay: a candidate that fails a re-test may pass the next
+            state.checkpoints = reached
+            state.sets = {name: list(v) for name, v in out.items()}
+            state.since = since
+        return out, checkpoint

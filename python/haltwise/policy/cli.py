@@ -50,6 +50,8 @@ def add_policy_subcommands(subparsers) -> None:
     replay.add_argument("--traces", type=int, default=16, help="traces per request (<= the bank's)")
     replay.add_argument("--signal", default="logprob")
     replay.add_argument("--control-fraction", type=float, default=0.05)
+    replay.add_argument("--control-boost", type=float, default=None,
+                        help="control share while a bucket is not ready (default: the PolicyConfig default)")
     replay.add_argument("--requests", type=int, default=20000)
     replay.add_argument("--window", type=int, default=1000, help="requests per reported window")
     replay.add_argument("--label-fraction", type=float, default=0.5)
@@ -190,8 +192,12 @@ def _replay(args) -> int:
         except ValueError as e:
             raise CliError(str(e)) from None
         print(f"bank: {path} ({bank.num_problems} problems x {bank.traces_per_problem} traces)")
-    policy_config = PolicyConfig(epsilon=args.epsilon, delta=args.delta, epsilon_overload=args.epsilon_overload,
-                                 traces=args.traces, signal=args.signal, control_fraction=args.control_fraction)
+    try:
+        policy_config = PolicyConfig(epsilon=args.epsilon, delta=args.delta, epsilon_overload=args.epsilon_overload,
+                                     traces=args.traces, signal=args.signal, control_fraction=args.control_fraction,
+                                     **({} if args.control_boost is None else {"control_boost": args.control_boost}))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     stream = ReplayConfig(requests=args.requests, window=args.window, label_fraction=args.label_fraction,
                           label_delay=args.label_delay, labels=args.labels, bucket_by=args.bucket_by, seed=args.seed)
     report = run_replay(bank, policy_config, stream, db=args.db, shadow_keys=tuple(args.shadow))

@@ -899,7 +899,7 @@ class Policy:
         test, harms, helps, tokens, correct_uncut = stats.test, stats.harms, stats.helps, stats.tokens, stats.em_uncut
         G = len(bucket.grid)
         # the families of tests (anytime.policy_families), each a function of the level; the re-test schedule
-        # (anytime.py) picks the level and, between checkpoints, only removes candidates
+        # (anytime.py) picks the levels; only a checkpoint adds candidates
         families = policy_families(cfg, harms, helps, n, test)
         sets, checkpoint = Certifier(cfg.schedule()).evaluate(anytime, families)
         bucket.anytime = anytime.to_dict()
