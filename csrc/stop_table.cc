@@ -27,8 +27,12 @@ int64_t StopTable::add(std::shared_ptr<const StopRules> rules, int64_t max_new_t
   return handle;
 }
 
+bool StopTable::contains(int64_t handle) const {
+  return handle >= 0 && handle < static_cast<int64_t>(entries_.size()) && entries_[static_cast<size_t>(handle)].used;
+}
+
 const StopTable::Entry& StopTable::at(int64_t handle, const char* what) const {
-  if (handle < 0 || handle >= static_cast<int64_t>(entries_.size()) || !entries_[static_cast<size_t>(handle)].used)
+  if (!contains(handle))
     throw std::invalid_argument(std::string("StopTable.") + what + ": handle " + std::to_string(handle) +
                                 " is not in the table");
   return entries_[static_cast<size_t>(handle)];
@@ -45,13 +49,11 @@ void StopTable::remove(int64_t handle) {
 
 int64_t StopTable::num_tokens(int64_t handle) const { return at(handle, "num_tokens").tracker.num_tokens(); }
 
-StopReason StopTable::reason(int64_t handle) const { return at(handle, "reason").reason; }
-
 void StopTable::feed(const FeedInput& in, int8_t* reasons) {
   auto handle_at = [&](int64_t i) { return *reinterpret_cast<const int64_t*>(in.handles + i * in.handles_stride); };
   for (int64_t i = 0; i < in.n; ++i) {
     const int64_t h = handle_at(i);
-    if (h < 0 || h >= static_cast<int64_t>(entries_.size()) || !entries_[static_cast<size_t>(h)].used)
+    if (!contains(h))
       throw std::invalid_argument("StopTable.feed: handles[" + std::to_string(i) + "] = " + std::to_string(h) +
                                   " is not in the table");
   }

@@ -38,7 +38,6 @@ class StopTable {
   // Throws std::invalid_argument for a handle that is not in the table.
   void remove(int64_t handle);
   int64_t num_tokens(int64_t handle) const;  // tokens fed so far
-  StopReason reason(int64_t handle) const;   // kNone while it runs
   int64_t size() const { return static_cast<int64_t>(entries_.size() - free_.size()); }
 
   // Feeds token i to entry handles[i], i in order, writing reasons[i]. An
@@ -54,6 +53,7 @@ class StopTable {
     StopReason reason = StopReason::kNone;
     bool used = false;
   };
+  bool contains(int64_t handle) const;
   const Entry& at(int64_t handle, const char* what) const;
 
   std::vector<Entry> entries_;
