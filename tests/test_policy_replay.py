@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -142,6 +143,61 @@ def test_strategy_best_searches_the_consensus_strategies_and_its_tokens_replay_e
         assert spent == tokens
         right += answer == bank.references[p]
     assert right / len(stream) == pytest.approx(best["em"])
+
+
+def test_family_best_is_the_best_static_choice_per_key_and_under_overload_by_brute_force(bank):
+    """family_best, the ceiling the replay reports beside strategy_best: outside
+    overload each request runs the better of the pooled and its key's best
+    normal candidate (each within epsilon on its population), under overload
+    the overload family's best within epsilon_overload, and the control slice
+    runs uncut. Recomputed here candidate by candidate."""
+    from haltwise.policy.replay import BankTraces, _row_outcomes, family_best, strategy_best
+
+    config = PolicyConfig(traces=8, overload_traces=(8, 4), strategies=((2, "beta", 0.9, "majority"),),
+                          overload_strategies=((2, "beta", 0.8, "majority"),), control_fraction=0.1)
+    traces = BankTraces(bank, config)
+    stream = make_stream(bank, ReplayConfig(requests=400, seed=5), 8)
+    overload = np.zeros(len(stream), dtype=bool)
+    overload[250:330] = True
+    outcomes = _row_outcomes(stream, traces, bank, config)
+    family = family_best(stream, traces, bank, config, overload, outcomes)
+    base_right, base_tokens = outcomes[0][2][:, 0], outcomes[0][3][:, 0].astype(float)
+
+    def brute(rows, mask, epsilon):
+        best = None
+        for r in rows:
+            right, tokens = outcomes[r][2], outcomes[r][3]
+            for j in range(right.shape[1]):
+                if right[mask, j].mean() >= base_right[mask].mean() - epsilon:
+                    total = tokens[mask, j].sum()
+                    if best is None or total < best[0]:
+                        best = (total, r, j)
+        return best[1:]
+
+    # rows: K=8, K=4 (overload only: fewer_traces="overload"), Beta 0.9 (normal), Beta 0.8 (overload only)
+    assert config.normal_rows == (2,) and list(config.overload_only_rows) == [3]
+    normal_rows = [0, 2]
+    calm = ~overload
+    keys = np.array([req.key for req in stream])
+    tokens = base_tokens.copy()
+    r, j = brute(normal_rows, calm, config.epsilon)
+    tokens[calm] = outcomes[r][3][calm, j]
+    assert family["normal"]["strategy"] == config.strategy_rows[r].name
+    for key in sorted(set(keys[calm].tolist())):
+        mask = calm & (keys == key)
+        r, j = brute(normal_rows, mask, config.epsilon)
+        tokens[mask] = np.minimum(tokens[mask], outcomes[r][3][mask, j])
+        assert family["keys"][key]["strategy"] == config.strategy_rows[r].name
+    r, j = brute(range(len(outcomes)), overload, config.epsilon_overload)
+    tokens[overload] = outcomes[r][3][overload, j]
+    assert family["overload"]["strategy"] == config.strategy_rows[r].name
+    assert family["saved"] == pytest.approx(0.9 * (1.0 - tokens.sum() / base_tokens.sum()))
+    assert 0.0 < family["saved"] < 1.0
+    # the control slice is charged: with none, the same choices save more
+    free = family_best(stream, traces, bank, dataclasses_replace(config, control_fraction=0.0), overload, outcomes)
+    assert free["saved"] == pytest.approx(family["saved"] / 0.9)
+    # strategy_best from the shared outcomes is the one computed on its own
+    assert strategy_best(stream, traces, bank, config, outcomes) == strategy_best(stream, traces, bank, config)
 
 
 def test_strategy_best_replays_a_deepconf_warmup_strategy_with_its_own_per_problem_cut(bank):

@@ -295,7 +295,9 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
     em_policy = float(np.mean([c[1] for c in rows]))
     em_uncut = float(np.mean([c[2] for c in rows]))
     static = static_best(stream, traces, bank, pc, window=cfg.window)
-    strategy = strategy_best(stream, traces, bank, pc)
+    outcomes = _row_outcomes(stream, traces, bank, pc)
+    strategy = strategy_best(stream, traces, bank, pc, outcomes)
+    family = family_best(stream, traces, bank, pc, np.array([bool(c[6]) for c in rows]), outcomes)
     normal = [w for w in windows if not w["overload"]]
     spike = [w for w in windows if w["overload"]]
     first_spike = next((i for i, w in enumerate(windows) if w["overload"]), None)
@@ -308,6 +310,8 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
         if normal else None,
         "savings_vs_static_best": saved / static["saved"] if static["saved"] > 0 else None,
         "savings_vs_strategy_best": saved / strategy["saved"] if strategy["saved"] > 0 else None,
+        "family_best_vs_strategy_best": family["saved"] / strategy["saved"] if strategy["saved"] > 0 else None,
+        "savings_vs_family_best": saved / family["saved"] if family["saved"] > 0 else None,
         "spike_token_drop": (1.0 - np.mean([w["tokens_policy"] for w in spike]) /
                              np.mean([w["tokens_policy"] for w in before])) if spike and before else None,
         "spike_em_gap": (float(np.mean([w["em_uncut"] - w["em_policy"] for w in spike])) if spike else None),
@@ -332,6 +336,7 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
                     "tokens_uncut": tokens_uncut / len(rows), "saved": saved, "saved_outside_overload": saved_normal},
         "static_best": static,
         "strategy_best": strategy,
+        "family_best": family,
         "targets": targets,
     }
 
@@ -422,39 +427,106 @@ def _warmup_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank
     return per_request, request_tokens, np.array([np.nan])
 
 
-def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig) -> dict:
+def _row_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
+                  pc: PolicyConfig) -> list[tuple[int, Strategy, np.ndarray, np.ndarray, np.ndarray]]:
+    """Every strategy row of the config replayed on every request at every
+    fixed cut threshold: (row, strategy, right (n, T), tokens (n, T),
+    thresholds (T,)). Trace-count rows use 96 quantiles, consensus rows 48
+    (every request's waves and vote replayed exactly)."""
+    fine, coarse = _cut_grid(traces, FINE_LEVELS), _cut_grid(traces, COARSE_LEVELS)  # once for every row
+    out = []
+    for r, strategy in enumerate(pc.strategy_rows):
+        if r < len(pc.trace_options):
+            right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, strategy.traces, fine)
+        else:
+            right, tokens, thresholds = _strategy_outcomes(stream, traces, bank, strategy, coarse)
+        out.append((r, strategy, right, tokens, thresholds))
+    return out
+
+
+def _fewest_tokens(outcomes, rows, mask: np.ndarray, base_em: float, epsilon: float):
+    """Among the columns of `rows` (indices into outcomes), the one with the
+    fewest tokens over the requests in `mask` whose vote EM there is >=
+    base_em - epsilon: (row, column) or None."""
+    best = None
+    for r in rows:
+        _, _, right, tokens, _ = outcomes[r]
+        ok = np.flatnonzero(right[mask].mean(axis=0) >= base_em - epsilon)
+        if not ok.size:
+            continue
+        sums = tokens[mask][:, ok].sum(axis=0)
+        j = int(ok[np.argmin(sums)])
+        if best is None or sums.min() < best[0]:
+            best = (sums.min(), r, j)
+    return None if best is None else best[1:]
+
+
+def _describe(outcomes, r: int, j: int) -> dict:
+    _, strategy, _, _, thresholds = outcomes[r]
+    return {"strategy": strategy.name, "traces": int(strategy.traces),
+            "threshold": None if j == 0 or np.isnan(thresholds[j]) else float(thresholds[j])}
+
+
+def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
+                  outcomes=None) -> dict:
     """The best single static strategy in hindsight: among (trace count K' in
     the config's trace options) x (fixed cut threshold, 96 quantiles) and
     (each of the config's consensus strategies, not the overload-only ones) x
     (fixed cut threshold, 48 quantiles), the one with the fewest tokens whose vote EM over the stream
     is >= the uncut K-trace EM - epsilon ("threshold" None: no cut, or a
     DeepConf warm-up strategy's own per-problem cut). "tokens": that
-    strategy's tokens per request."""
-    base_right = base_tokens = None
-    best = None
-    fine, coarse = _cut_grid(traces, FINE_LEVELS), _cut_grid(traces, COARSE_LEVELS)  # once for every row
-    for r, strategy in enumerate(pc.strategy_rows):
-        if r in pc.overload_only_rows:  # never served in normal operation
-            continue
-        if r < len(pc.trace_options):
-            right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, strategy.traces, fine)
-        else:
-            right, tokens, thresholds = _strategy_outcomes(stream, traces, bank, strategy, coarse)
-        if base_right is None:  # row 0 is all K traces at once; its column 0 is the uncut run
-            base_right, base_tokens = right[:, 0], tokens[:, 0]
-        em = right.mean(axis=0)
-        ok = np.flatnonzero(em >= base_right.mean() - pc.epsilon)
-        if not ok.size:
-            continue
-        j = int(ok[np.argmin(tokens[:, ok].sum(axis=0))])
-        if best is None or tokens[:, j].sum() < best[0].sum():
-            best = (tokens[:, j], strategy, None if j == 0 or np.isnan(thresholds[j]) else float(thresholds[j]),
-                    float(em[j]))
-    per_request, strategy, threshold, em = best
+    strategy's tokens per request. `outcomes`: :func:`_row_outcomes`, if
+    already computed."""
+    outcomes = outcomes or _row_outcomes(stream, traces, bank, pc)
+    base_right, base_tokens = outcomes[0][2][:, 0], outcomes[0][3][:, 0]  # row 0, column 0: the uncut run
+    every = np.ones(len(stream), dtype=bool)
+    rows = [r for r in range(len(outcomes)) if r not in pc.overload_only_rows]  # never served in normal operation
+    r, j = _fewest_tokens(outcomes, rows, every, float(base_right.mean()), pc.epsilon)
+    per_request = outcomes[r][3][:, j]
     return {"strategies": "trace count x fixed cut threshold, and each consensus strategy x fixed cut threshold",
-            "strategy": strategy.name, "traces": int(strategy.traces), "threshold": threshold, "em": em,
+            **_describe(outcomes, r, j), "em": float(outcomes[r][2][:, j].mean()),
             "em_uncut": float(base_right.mean()), "saved": float(1.0 - per_request.sum() / base_tokens.sum()),
             "tokens": [int(t) for t in per_request]}
+
+
+def family_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
+                overload: np.ndarray, outcomes=None) -> dict:
+    """What the policy's own candidate family could save at most with static
+    choices made in hindsight and nothing to learn: outside overload, each
+    request runs the better (fewer tokens) of the normal family's best
+    candidate over the whole stream and its key's best over the key's
+    requests (each within epsilon of uncut on its population: the values of
+    the root bucket or of the request's own bucket); under overload (the
+    requests the policy served in overload, `overload`), the overload
+    family's best candidate within epsilon_overload over those requests; and
+    the control slice (``control_fraction`` of the requests) runs uncut. No
+    warm-up, no evidence to gather, no threshold to ramp: a ceiling for the
+    policy's savings, not a strategy anyone can run."""
+    outcomes = outcomes or _row_outcomes(stream, traces, bank, pc)
+    base_right, base_tokens = outcomes[0][2][:, 0], outcomes[0][3][:, 0]
+    normal_rows = [0, *pc.normal_rows]
+    calm = ~overload
+    tokens = base_tokens.astype(np.float64).copy()
+    choices: dict = {}
+    if calm.any():
+        pooled = _fewest_tokens(outcomes, normal_rows, calm, float(base_right[calm].mean()), pc.epsilon)
+        tokens[calm] = outcomes[pooled[0]][3][calm, pooled[1]]
+        choices["normal"] = _describe(outcomes, *pooled)
+        keys = np.array([req.key for req in stream])
+        per_key = {}
+        for key in sorted(set(keys[calm].tolist())):
+            mask = calm & (keys == key)
+            r, j = _fewest_tokens(outcomes, normal_rows, mask, float(base_right[mask].mean()), pc.epsilon)
+            tokens[mask] = np.minimum(tokens[mask], outcomes[r][3][mask, j])
+            per_key[key] = _describe(outcomes, r, j)
+        choices["keys"] = per_key
+    if overload.any():
+        r, j = _fewest_tokens(outcomes, range(len(outcomes)), overload, float(base_right[overload].mean()),
+                              pc.epsilon_overload)
+        tokens[overload] = outcomes[r][3][overload, j]
+        choices["overload"] = _describe(outcomes, r, j)
+    saved = (1.0 - pc.control_fraction) * (1.0 - tokens.sum() / base_tokens.sum())
+    return {"saved": float(saved), "control_fraction": pc.control_fraction, **choices}
 
 
 def static_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
@@ -503,6 +575,9 @@ def format_report(report: dict) -> str:
                  f"best {fmt(t['savings_vs_strategy_best'])} (>= 0.9; static best: "
                  f"{fmt(t['savings_vs_static_best'])}), spike token drop {fmt(t['spike_token_drop'])} "
                  f"(>= 0.2), worst spike EM gap {fmt(t['spike_worst_window_gap'])} (<= {report['epsilon_overload']})")
+    lines.append(f"the policy's own family, chosen in hindsight with nothing to learn (family_best), would save "
+                 f"{report['family_best']['saved']:.1%}: {fmt(t['family_best_vs_strategy_best'])} of strategy best; "
+                 f"the policy reached {fmt(t['savings_vs_family_best'])} of it")
     lines.append("met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in t["met"].items()))
     return "\n".join(lines)
 
