@@ -192,6 +192,17 @@ def test_family_best_is_the_best_static_choice_per_key_and_under_overload_by_bru
     tokens[overload] = outcomes[r][3][overload, j]
     assert family["overload"]["strategy"] == config.strategy_rows[r].name
     assert family["saved"] == pytest.approx(0.9 * (1.0 - tokens.sum() / base_tokens.sum()))
+    # before the first checkpoint nothing is certified: the warm-up and the controls that bring min_evidence
+    # labels run uncut, then the start strategy until the labels arrive
+    late = family_best(stream, traces, bank, config, overload, outcomes, label_fraction=0.8, label_delay=30)
+    for report, fraction, delay in ((family, 1.0, 0), (late, 0.8, 30)):
+        uncut = config.warmup_requests + int(np.ceil(config.min_evidence / fraction))
+        spent = 0.1 * base_tokens + 0.9 * tokens
+        spent[:uncut] = base_tokens[:uncut]
+        spent[uncut: uncut + delay] = outcomes[config.start_row][3][uncut: uncut + delay, 0]
+        assert report["saved_after_first_checkpoint"] == pytest.approx(1.0 - spent.sum() / base_tokens.sum())
+    assert late["saved_after_first_checkpoint"] < family["saved_after_first_checkpoint"] < family["saved"]
+    assert late["saved"] == family["saved"]
     assert 0.0 < family["saved"] < 1.0
     # the control slice is charged: with none, the same choices save more
     free = family_best(stream, traces, bank, dataclasses_replace(config, control_fraction=0.0), overload, outcomes)
