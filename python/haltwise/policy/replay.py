@@ -447,11 +447,12 @@ def _row_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
     return out
 
 
-def _fewest_tokens(outcomes, rows, mask: np.ndarray, base_em: float, epsilon: float):
+def _fewest_tokens(outcomes, rows, mask: np.ndarray, base_em: float, epsilon: float) -> tuple[int, int]:
     """Among the columns of `rows` (indices into outcomes), the one with the
-    fewest tokens over the requests in `mask` whose vote EM there is >=
-    base_em - epsilon: (row, column) or None."""
-    best = None
+    fewest tokens over the requests in `mask` (not empty) whose vote EM there
+    is >= base_em - epsilon: (row, column). Row 0's column 0, the uncut run
+    whose EM base_em is, always qualifies, and every caller offers it."""
+    best: tuple[int, int, int] | None = None
     for r in rows:
         _, _, right, tokens, _ = outcomes[r]
         ok = np.flatnonzero(right[mask].mean(axis=0) >= base_em - epsilon)
@@ -460,8 +461,10 @@ def _fewest_tokens(outcomes, rows, mask: np.ndarray, base_em: float, epsilon: fl
         sums = tokens[mask][:, ok].sum(axis=0)
         j = int(ok[np.argmin(sums)])
         if best is None or sums.min() < best[0]:
-            best = (sums.min(), r, j)
-    return None if best is None else best[1:]
+            best = (int(sums.min()), r, j)
+    if best is None:
+        raise ValueError("_fewest_tokens: no candidate within epsilon (row 0 must be offered, on requests)")
+    return best[1], best[2]
 
 
 def _describe(outcomes, r: int, j: int) -> dict:
