@@ -161,12 +161,12 @@ def test_family_best_is_the_best_static_choice_per_key_and_under_overload_by_bru
     overload[250:330] = True
     outcomes = _row_outcomes(stream, traces, bank, config)
     family = family_best(stream, traces, bank, config, overload, outcomes)
-    base_right, base_tokens = outcomes[0][2][:, 0], outcomes[0][3][:, 0].astype(float)
+    base_right, base_tokens = outcomes[0].right[:, 0], outcomes[0].tokens[:, 0].astype(float)
 
     def brute(rows, mask, epsilon):
         best = None
         for r in rows:
-            right, tokens = outcomes[r][2], outcomes[r][3]
+            right, tokens = outcomes[r].right, outcomes[r].tokens
             for j in range(right.shape[1]):
                 if right[mask, j].mean() >= base_right[mask].mean() - epsilon:
                     total = tokens[mask, j].sum()
@@ -181,15 +181,15 @@ def test_family_best_is_the_best_static_choice_per_key_and_under_overload_by_bru
     keys = np.array([req.key for req in stream])
     tokens = base_tokens.copy()
     r, j = brute(normal_rows, calm, config.epsilon)
-    tokens[calm] = outcomes[r][3][calm, j]
+    tokens[calm] = outcomes[r].tokens[calm, j]
     assert family["normal"]["strategy"] == config.strategy_rows[r].name
     for key in sorted(set(keys[calm].tolist())):
         mask = calm & (keys == key)
         r, j = brute(normal_rows, mask, config.epsilon)
-        tokens[mask] = np.minimum(tokens[mask], outcomes[r][3][mask, j])
+        tokens[mask] = np.minimum(tokens[mask], outcomes[r].tokens[mask, j])
         assert family["keys"][key]["strategy"] == config.strategy_rows[r].name
     r, j = brute(range(len(outcomes)), overload, config.epsilon_overload)
-    tokens[overload] = outcomes[r][3][overload, j]
+    tokens[overload] = outcomes[r].tokens[overload, j]
     assert family["overload"]["strategy"] == config.strategy_rows[r].name
     assert family["saved"] == pytest.approx(0.9 * (1.0 - tokens.sum() / base_tokens.sum()))
     # before the first checkpoint nothing is certified: the warm-up and the controls that bring min_evidence
@@ -199,7 +199,7 @@ def test_family_best_is_the_best_static_choice_per_key_and_under_overload_by_bru
         uncut = config.warmup_requests + int(np.ceil(config.min_evidence / fraction))
         spent = 0.1 * base_tokens + 0.9 * tokens
         spent[:uncut] = base_tokens[:uncut]
-        spent[uncut: uncut + delay] = outcomes[config.start_row][3][uncut: uncut + delay, 0]
+        spent[uncut: uncut + delay] = outcomes[config.start_row].tokens[uncut: uncut + delay, 0]
         assert report["saved_after_first_checkpoint"] == pytest.approx(1.0 - spent.sum() / base_tokens.sum())
     assert late["saved_after_first_checkpoint"] < family["saved_after_first_checkpoint"] < family["saved"]
     assert late["saved"] == family["saved"]

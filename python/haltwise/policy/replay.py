@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -294,8 +294,8 @@ def _report(rows, stream, traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
     tokens_uncut = sum(c[4] for c in rows)
     em_policy = float(np.mean([c[1] for c in rows]))
     em_uncut = float(np.mean([c[2] for c in rows]))
-    static = static_best(stream, traces, bank, pc, window=cfg.window)
     outcomes = _row_outcomes(stream, traces, bank, pc)
+    static = static_best(stream, traces, bank, pc, window=cfg.window, outcomes=outcomes)
     strategy = strategy_best(stream, traces, bank, pc, outcomes)
     family = family_best(stream, traces, bank, pc, np.array([bool(c[6]) for c in rows]), outcomes,
                          label_fraction=cfg.label_fraction, label_delay=cfg.label_delay)
@@ -430,12 +430,20 @@ def _warmup_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank
     return per_request, request_tokens, np.array([np.nan])
 
 
-def _row_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
-                  pc: PolicyConfig) -> list[tuple[int, Strategy, np.ndarray, np.ndarray, np.ndarray]]:
-    """Every strategy row of the config replayed on every request at every
-    fixed cut threshold: (row, strategy, right (n, T), tokens (n, T),
-    thresholds (T,)). Trace-count rows use 96 quantiles, consensus rows 48
-    (every request's waves and vote replayed exactly)."""
+class _RowOutcome(NamedTuple):
+    """One strategy row replayed on every request at every fixed cut threshold."""
+
+    strategy: Strategy
+    right: np.ndarray  # bool (n, T): the vote is right
+    tokens: np.ndarray  # int (n, T)
+    thresholds: np.ndarray  # (T,): column 0 is no cut
+
+
+def _row_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig) -> list[_RowOutcome]:
+    """Every strategy row of the config (indexed as pc.strategy_rows) replayed
+    on every request at every fixed cut threshold. Trace-count rows use 96
+    quantiles, consensus rows 48 (every request's waves and vote replayed
+    exactly); row 0, all K traces on the fine grid, is also static_best's."""
     fine, coarse = _cut_grid(traces, FINE_LEVELS), _cut_grid(traces, COARSE_LEVELS)  # once for every row
     out = []
     for r, strategy in enumerate(pc.strategy_rows):
@@ -443,18 +451,19 @@ def _row_outcomes(stream: list[_Request], traces: BankTraces, bank: TraceBank,
             right, tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, strategy.traces, fine)
         else:
             right, tokens, thresholds = _strategy_outcomes(stream, traces, bank, strategy, coarse)
-        out.append((r, strategy, right, tokens, thresholds))
+        out.append(_RowOutcome(strategy, right, tokens, thresholds))
     return out
 
 
-def _fewest_tokens(outcomes, rows, mask: np.ndarray, base_em: float, epsilon: float) -> tuple[int, int]:
+def _fewest_tokens(outcomes: list[_RowOutcome], rows, mask: np.ndarray, base_em: float,
+                   epsilon: float) -> tuple[int, int]:
     """Among the columns of `rows` (indices into outcomes), the one with the
     fewest tokens over the requests in `mask` (not empty) whose vote EM there
     is >= base_em - epsilon: (row, column). Row 0's column 0, the uncut run
     whose EM base_em is, always qualifies, and every caller offers it."""
     best: tuple[int, int, int] | None = None
     for r in rows:
-        _, _, right, tokens, _ = outcomes[r]
+        right, tokens = outcomes[r].right, outcomes[r].tokens
         ok = np.flatnonzero(right[mask].mean(axis=0) >= base_em - epsilon)
         if not ok.size:
             continue
@@ -467,14 +476,14 @@ def _fewest_tokens(outcomes, rows, mask: np.ndarray, base_em: float, epsilon: fl
     return best[1], best[2]
 
 
-def _describe(outcomes, r: int, j: int) -> dict:
-    _, strategy, _, _, thresholds = outcomes[r]
+def _describe(outcomes: list[_RowOutcome], r: int, j: int) -> dict:
+    strategy, thresholds = outcomes[r].strategy, outcomes[r].thresholds
     return {"strategy": strategy.name, "traces": int(strategy.traces),
             "threshold": None if j == 0 or np.isnan(thresholds[j]) else float(thresholds[j])}
 
 
 def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
-                  outcomes=None) -> dict:
+                  outcomes: list[_RowOutcome] | None = None) -> dict:
     """The best single static strategy in hindsight: among (trace count K' in
     the config's trace options) x (fixed cut threshold, 96 quantiles) and
     (each of the config's consensus strategies, not the overload-only ones) x
@@ -484,19 +493,20 @@ def strategy_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, p
     strategy's tokens per request. `outcomes`: :func:`_row_outcomes`, if
     already computed."""
     outcomes = outcomes or _row_outcomes(stream, traces, bank, pc)
-    base_right, base_tokens = outcomes[0][2][:, 0], outcomes[0][3][:, 0]  # row 0, column 0: the uncut run
+    base_right, base_tokens = outcomes[0].right[:, 0], outcomes[0].tokens[:, 0]  # row 0, column 0: the uncut run
     every = np.ones(len(stream), dtype=bool)
     rows = [r for r in range(len(outcomes)) if r not in pc.overload_only_rows]  # never served in normal operation
     r, j = _fewest_tokens(outcomes, rows, every, float(base_right.mean()), pc.epsilon)
-    per_request = outcomes[r][3][:, j]
+    per_request = outcomes[r].tokens[:, j]
     return {"strategies": "trace count x fixed cut threshold, and each consensus strategy x fixed cut threshold",
-            **_describe(outcomes, r, j), "em": float(outcomes[r][2][:, j].mean()),
+            **_describe(outcomes, r, j), "em": float(outcomes[r].right[:, j].mean()),
             "em_uncut": float(base_right.mean()), "saved": float(1.0 - per_request.sum() / base_tokens.sum()),
             "tokens": [int(t) for t in per_request]}
 
 
 def family_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
-                overload: np.ndarray, outcomes=None, *, label_fraction: float = 1.0, label_delay: int = 0) -> dict:
+                overload: np.ndarray, outcomes: list[_RowOutcome] | None = None, *, label_fraction: float = 1.0,
+                label_delay: int = 0) -> dict:
     """What the policy's own candidate family could save at most with static
     choices made in hindsight and nothing to learn: outside overload, each
     request runs the better (fewer tokens) of the normal family's best
@@ -516,27 +526,27 @@ def family_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc:
     until those labels arrive run the start strategy with no cut (the
     config's start row: the exact start by default)."""
     outcomes = outcomes or _row_outcomes(stream, traces, bank, pc)
-    base_right, base_tokens = outcomes[0][2][:, 0], outcomes[0][3][:, 0]
+    base_right, base_tokens = outcomes[0].right[:, 0], outcomes[0].tokens[:, 0]
     normal_rows = [0, *pc.normal_rows]
     calm = ~overload
     tokens = base_tokens.astype(np.float64).copy()
     choices: dict = {}
     if calm.any():
         pooled = _fewest_tokens(outcomes, normal_rows, calm, float(base_right[calm].mean()), pc.epsilon)
-        tokens[calm] = outcomes[pooled[0]][3][calm, pooled[1]]
+        tokens[calm] = outcomes[pooled[0]].tokens[calm, pooled[1]]
         choices["normal"] = _describe(outcomes, *pooled)
         keys = np.array([req.key for req in stream])
         per_key = {}
         for key in sorted(set(keys[calm].tolist())):
             mask = calm & (keys == key)
             r, j = _fewest_tokens(outcomes, normal_rows, mask, float(base_right[mask].mean()), pc.epsilon)
-            tokens[mask] = np.minimum(tokens[mask], outcomes[r][3][mask, j])
+            tokens[mask] = np.minimum(tokens[mask], outcomes[r].tokens[mask, j])
             per_key[key] = _describe(outcomes, r, j)
         choices["keys"] = per_key
     if overload.any():
         r, j = _fewest_tokens(outcomes, range(len(outcomes)), overload, float(base_right[overload].mean()),
                               pc.epsilon_overload)
-        tokens[overload] = outcomes[r][3][overload, j]
+        tokens[overload] = outcomes[r].tokens[overload, j]
         choices["overload"] = _describe(outcomes, r, j)
     base = base_tokens.astype(np.float64)
 
@@ -545,7 +555,7 @@ def family_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc:
         the choices above with the control slice uncut."""
         spent = pc.control_fraction * base + (1.0 - pc.control_fraction) * tokens
         spent[:uncut] = base[:uncut]
-        spent[uncut: uncut + start] = outcomes[pc.start_row][3][uncut: uncut + start, 0]
+        spent[uncut: uncut + start] = outcomes[pc.start_row].tokens[uncut: uncut + start, 0]
         return float(1.0 - spent.sum() / base.sum())
 
     before = len(stream) if label_fraction <= 0 else pc.warmup_requests + math.ceil(pc.min_evidence / label_fraction)
@@ -556,13 +566,18 @@ def family_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc:
 
 
 def static_best(stream: list[_Request], traces: BankTraces, bank: TraceBank, pc: PolicyConfig,
-                levels: np.ndarray | None = None, window: int = 1000) -> dict:
+                levels: np.ndarray | None = None, window: int = 1000,
+                outcomes: list[_RowOutcome] | None = None) -> dict:
     """The best single fixed threshold in hindsight: on every request of the
     stream (K traces, no control slice), tokens and vote EM at each of a
     fine grid of thresholds (quantiles of all the bank's lowest window means);
-    the most saving one with EM >= uncut EM - epsilon."""
-    grid = _cut_grid(traces, FINE_LEVELS if levels is None else levels)
-    per_request, request_tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, pc.traces, grid)
+    the most saving one with EM >= uncut EM - epsilon. `outcomes`:
+    :func:`_row_outcomes`, if already computed (its row 0 is this fine grid)."""
+    if outcomes is not None and levels is None:
+        per_request, request_tokens, thresholds = outcomes[0].right, outcomes[0].tokens, outcomes[0].thresholds
+    else:
+        grid = _cut_grid(traces, FINE_LEVELS if levels is None else levels)
+        per_request, request_tokens, thresholds = _fixed_outcomes(stream, traces, bank, pc, pc.traces, grid)
     T = len(thresholds)
     right = per_request.sum(axis=0)
     tokens = request_tokens.sum(axis=0).astype(np.float64)
