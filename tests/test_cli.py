@@ -220,3 +220,36 @@ def test_bench_engine_hf_refuses_options_it_cannot_honour(tmp_path, capsys, no_d
 def test_replay_refuses_bad_policy_numbers_in_one_line(capsys, flags, word):
     assert main(["replay", "--synthetic", "--requests", "50", *flags]) == 2
     _one_line_error(capsys, word)
+
+
+def test_replay_config_file_sets_the_policy_and_flags_override_it(tmp_path, capsys):
+    """--config takes any subset of PolicyConfig's fields (the rest keep their
+    defaults); a policy flag given on the command line wins over the file."""
+    config = tmp_path / "policy.json"
+    config.write_text(json.dumps({"strategies": [[2, "beta", 0.8, "majority"]], "overload_strategies": [],
+                                  "epsilon": 0.04, "control_fraction": 0.1}))
+    out = tmp_path / "r.json"
+    assert main(["replay", "--synthetic", "--requests", "60", "--config", str(config), "--epsilon", "0.03",
+                 "--json", str(out)]) == 0
+    used = json.loads(out.read_text())["policy_config"]
+    assert used["strategies"] == [[2, "beta", 0.8, "majority"]] and used["overload_strategies"] == []
+    assert used["epsilon"] == 0.03 and used["control_fraction"] == 0.1  # the flag over the file; the file's
+    assert used["delta"] == 0.1 and used["traces"] == 16  # left out: the defaults
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("text, needles", [("{not json", ["--config", "is not JSON"]),
+                                           ("[1, 2]", ["--config", "JSON object", "list"]),
+                                           ('{"epsilonn": 0.1}', ["--config", "unknown fields", "epsilonn"]),
+                                           ('{"delta": 2}', ["--config", "delta"])])
+def test_replay_refuses_a_bad_config_file_in_one_line(tmp_path, capsys, text, needles):
+    config = tmp_path / "policy.json"
+    config.write_text(text)
+    assert main(["replay", "--synthetic", "--requests", "50", "--config", str(config)]) == 2
+    _one_line_error(capsys, *needles)
+
+
+def test_replay_refuses_a_missing_config_file_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    assert main(["replay", "--synthetic", "--requests", "50", "--config", str(missing)]) == 2
+    _one_line_error(capsys, "--config", str(missing))

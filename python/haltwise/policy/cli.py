@@ -10,8 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._cli_util import CliError, check_output, check_plot, json_default
+
+if TYPE_CHECKING:
+    from .config import PolicyConfig
 
 
 def add_policy_subcommands(subparsers) -> None:
@@ -44,14 +48,19 @@ def add_policy_subcommands(subparsers) -> None:
     replay.add_argument("--plot", metavar="PATH", help="PNG of EM and tokens over time with threshold and load")
     replay.add_argument("--db", metavar="PATH", default=":memory:",
                         help="keep the policy's SQLite database here (default: in memory)")
-    replay.add_argument("--epsilon", type=float, default=0.02)
-    replay.add_argument("--delta", type=float, default=0.1)
-    replay.add_argument("--epsilon-overload", type=float, default=0.05)
-    replay.add_argument("--traces", type=int, default=16, help="traces per request (<= the bank's)")
-    replay.add_argument("--signal", default="logprob")
-    replay.add_argument("--control-fraction", type=float, default=0.05)
-    replay.add_argument("--control-boost", type=float, default=None,
-                        help="control share while a bucket is not ready (default: the PolicyConfig default)")
+    replay.add_argument("--config", metavar="PATH",
+                        help="PolicyConfig as JSON (any subset of its fields, e.g. a report's policy_config); the "
+                             "flags below override it; a min_evidence given there is used as is (null: derived)")
+    # the policy flags default to None: only those given override --config, else the PolicyConfig defaults
+    # (`python -m haltwise.policy.config` lists them)
+    replay.add_argument("--epsilon", type=float, help="accuracy budget")
+    replay.add_argument("--delta", type=float, help="error budget of the guarantee")
+    replay.add_argument("--epsilon-overload", type=float, help="budget under overload")
+    replay.add_argument("--traces", type=int, help="traces per request, <= the bank's")
+    replay.add_argument("--signal", help="the cut's per-token signal")
+    replay.add_argument("--control-fraction", type=float, help="share of uncut control requests")
+    replay.add_argument("--control-boost", type=float,
+                        help="control share while a bucket is not ready")
     replay.add_argument("--requests", type=int, default=20000)
     replay.add_argument("--window", type=int, default=1000, help="requests per reported window")
     replay.add_argument("--label-fraction", type=float, default=0.5)
@@ -169,7 +178,6 @@ def _show(args) -> int:
 
 def _replay(args) -> int:
     from ..tracebank import TraceBank
-    from .config import PolicyConfig
     from .replay import DEFAULT_BANK, ReplayConfig, format_report, json_payload, plot_report, run_replay
     from .synthetic import synthetic_bank
 
@@ -192,12 +200,7 @@ def _replay(args) -> int:
         except ValueError as e:
             raise CliError(str(e)) from None
         print(f"bank: {path} ({bank.num_problems} problems x {bank.traces_per_problem} traces)")
-    try:
-        policy_config = PolicyConfig(epsilon=args.epsilon, delta=args.delta, epsilon_overload=args.epsilon_overload,
-                                     traces=args.traces, signal=args.signal, control_fraction=args.control_fraction,
-                                     **({} if args.control_boost is None else {"control_boost": args.control_boost}))
-    except ValueError as e:
-        raise CliError(str(e)) from None
+    policy_config = _replay_policy_config(args)
     stream = ReplayConfig(requests=args.requests, window=args.window, label_fraction=args.label_fraction,
                           label_delay=args.label_delay, labels=args.labels, bucket_by=args.bucket_by, seed=args.seed)
     report = run_replay(bank, policy_config, stream, db=args.db, shadow_keys=tuple(args.shadow))
@@ -211,6 +214,30 @@ def _replay(args) -> int:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _replay_policy_config(args) -> PolicyConfig:
+    """The PolicyConfig of `haltwise replay`: --config's fields, then the policy flags that were given."""
+    from .config import PolicyConfig
+
+    fields: dict = {}
+    if args.config:
+        try:
+            fields = json.loads(Path(args.config).read_text())
+        except OSError as e:
+            raise CliError(f"--config: cannot read {args.config}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise CliError(f"--config: {args.config} is not JSON: {e}") from None
+        if not isinstance(fields, dict):
+            raise CliError(f"--config: {args.config} must hold a JSON object of PolicyConfig fields, "
+                           f"got {type(fields).__name__}")
+    for name in ("epsilon", "delta", "epsilon_overload", "traces", "signal", "control_fraction", "control_boost"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    try:
+        return PolicyConfig.from_json(json.dumps(fields))
+    except (TypeError, ValueError) as e:
+        raise CliError(f"--config: {e}" if args.config else str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
