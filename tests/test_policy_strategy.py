@@ -254,6 +254,34 @@ def test_a_new_bucket_starts_exact_before_anything_is_certified():
         assert served and all(p.strategy == Strategy(K) and p.threshold is None for p in served), cfg.start
 
 
+def test_a_ready_bucket_that_certified_nothing_keeps_the_exact_strategy():
+    """A bucket's first checkpoint may certify nothing (here min_evidence is the
+    binomial floor, below what each chain needs at that checkpoint's level).
+    The bucket is then ready on its own test and still runs the exact strategy
+    with no cut -- its vote is the uncut vote, so it needs no certificate --
+    instead of falling back to all K traces at once."""
+    exact = Strategy(K, 2, "unbeatable", 1.0)
+    cfg = PolicyConfig(**{**SMALL, "min_evidence": 11},
+                       strategies=((2, "unbeatable", 1.0, "majority"), (2, "beta", 0.9, "majority")))
+    policy = Policy(cfg)
+    rng = np.random.default_rng(3)
+    empty_ready = []
+    for rid in range(150):
+        bucket = policy._buckets.get("")
+        nothing = bucket is not None and bucket.ready and not any(bucket.anytime["sets"].values())
+        plan = policy.plan(rid)
+        if nothing and plan.kind == "policy":
+            empty_ready.append(plan)
+        policy.observe(rid, [TraceOutcome(answer=7, num_tokens=12, reason=int(StopReason.EOS),
+                                          signal=rng.normal(-0.5, 0.2, 12).astype(np.float32))
+                             for _ in range(plan.traces)])
+        policy.feedback(rid, True, reference=7)
+    assert empty_ready, "the stream never showed a ready bucket with nothing certified"
+    assert all(p.how == "certified" and p.strategy == exact and p.threshold is None for p in empty_ready), \
+        [(p.strategy.name, p.threshold) for p in empty_ready]
+    assert policy.thresholds()[""]["strategy"] == "K=8, waves of 2, beta 0.9"  # certified later, and reached
+
+
 def test_the_unbeatable_vote_is_the_uncut_vote():
     """What makes start="exact" lose nothing: on any traces (votes, missing votes,
     ties, lengths) the unbeatable strategy's answer is the vote of all K traces."""

@@ -29,7 +29,8 @@ class OverloadChoice:
 @dataclass(frozen=True)
 class Evaluation:
     """rows: certified grid indices per normal strategy row (row 0's list
-    leaves out its "no cut", the uncut run itself); target_row, target: the
+    leaves out its "no cut", the uncut run itself; an exact strategy's
+    always holds its "no cut", -1); target_row, target: the
     normal target; overload: the overload target (None: none certified)."""
 
     rows: dict[int, list[int]]
@@ -64,10 +65,16 @@ def choose(sets: Mapping[str, Sequence[int]], *, gain: Callable[[int, int], floa
     for r in rows:  # a DeepConf warm-up strategy sets its own threshold per problem: only its column 0 is real
         if getattr(strategy_rows[r], "warmup", 0):
             rows[r] = [c for c in rows[r] if c == -1]
+    # an exact strategy with no cut (unbeatable, all K traces) gives the uncut vote itself: its EM drop is 0 by
+    # construction, so it needs no certificate and, like row 0's "no cut", is always a candidate (it still
+    # saves the traces that could no longer change the vote)
+    exact = [r for r in rows if r and strategy_rows[r].exact and strategy_rows[r].traces == trace_options[0]]
     row_now, index_now = in_force
     if guard is not None:  # step back: only the candidates of the row in force below the value in force
         below = [c for c in rows.get(row_now, []) if c < index_now]
         rows = {0: [], row_now: below}  # (row_now may be 0 itself)
+    for r in exact:
+        rows[r] = sorted(set(rows.get(r, [])) | {-1})
     pairs = [(0, -1)] + [(r, c) for r, cs in rows.items() for c in cs]
 
     def score(rc: tuple[int, int]) -> tuple[float, int]:

@@ -955,7 +955,8 @@ class Policy:
         """New certified sets and target of the normal mode. A value in force
         that is no longer certified (or above the target in its row) drops at
         once: to the most aggressive certified candidate below it in its row,
-        or, when its row has none, to the uncut plain strategy (row 0, no cut)."""
+        or, when its row has none, to the uncut plain strategy (row 0, no cut); an
+        exact strategy always holds its "no cut" (evaluation.choose)."""
         cfg = self._cfg(bucket.name)
         ramp = bucket.normal
         old_target = (ramp.target_strategy, ramp.target)
