@@ -282,6 +282,36 @@ def test_a_ready_bucket_that_certified_nothing_keeps_the_exact_strategy():
     assert policy.thresholds()[""]["strategy"] == "K=8, waves of 2, beta 0.9"  # certified later, and reached
 
 
+def test_an_unbeatable_strategy_with_another_weighting_is_not_exact():
+    """The unbeatable rule gives the full vote under its own weighting; when that
+    differs from the config's (row 0, the uncut baseline) the answers can
+    differ, so it is neither the exact start nor a candidate without a
+    certificate, and its answers count as cut for the user-report guard."""
+    from haltwise.policy.evaluation import choose
+    from haltwise.voting import weighted_vote
+
+    answers, weights = [1, 1, 2, 2, 2], [0.9, 0.9, 0.1, 0.1, 0.1]
+    assert weighted_vote(answers, None) == 2 and weighted_vote(answers, weights) == 1
+    same = PolicyConfig(**SMALL, strategies=((2, "unbeatable", 1.0, "majority"),))
+    other = PolicyConfig(**SMALL, strategies=((2, "unbeatable", 1.0, "confidence"),))
+    row = len(same.trace_options)
+    assert same.start_row == row and other.start_row == 0
+    assert same.strategy_rows[row].same_vote_as(same.strategy_rows[0])
+    assert not other.strategy_rows[row].same_vote_as(other.strategy_rows[0])
+    for cfg, holds in ((same, [-1]), (other, [])):
+        sets = {"normal": [], f"normal/{row}": []}
+        sets.update({f"overload/{k}": [] for k in cfg.trace_options})
+        sets.update({f"overload/s{r}": [] for r in range(len(cfg.trace_options), len(cfg.strategy_rows))})
+        tokens = {0: 100.0, row: 60.0}
+        got = choose(sets, gain=lambda r, c: -tokens[r], in_force=(0, -1), strategy_rows=cfg.strategy_rows,
+                     trace_options=cfg.trace_options, overload_row=0, guard=None)
+        assert got.rows[row] == holds
+        assert (got.target_row, got.target) == ((row, -1) if holds else (0, -1))
+    policy = Policy(other)
+    served = [p for p in _uncertified_plans(policy, 30) if p.kind == "policy"]
+    assert served and all(p.strategy == Strategy(K) for p in served)
+
+
 def test_the_unbeatable_vote_is_the_uncut_vote():
     """What makes start="exact" lose nothing: on any traces (votes, missing votes,
     ties, lengths) the unbeatable strategy's answer is the vote of all K traces."""

@@ -267,14 +267,14 @@ class PolicyConfig:
     def start_row(self) -> int:
         """The strategy row a bucket runs, with no cut, before anything is
         certified: with start="exact" the first "unbeatable" strategy without a
-        warm-up (its vote is the uncut vote: the leader could no longer be
-        overturned); 0 (all K traces, as start="uncut") otherwise or when
+        warm-up and with the config's vote weighting (its vote is the uncut
+        vote: the leader could no longer be overturned); 0 (all K traces, as start="uncut") otherwise or when
         strategies holds no such strategy."""
         if self.start != "exact":
             return 0
         rows = self.strategy_rows
         return next((r for r in range(len(self.trace_options), self.overload_only_rows.start)
-                     if rows[r].consensus == "unbeatable" and rows[r].exact), 0)
+                     if rows[r].consensus == "unbeatable" and rows[r].same_vote_as(rows[0])), 0)
 
     @property
     def normal_rows(self) -> tuple[int, ...]:

@@ -65,10 +65,10 @@ def choose(sets: Mapping[str, Sequence[int]], *, gain: Callable[[int, int], floa
     for r in rows:  # a DeepConf warm-up strategy sets its own threshold per problem: only its column 0 is real
         if getattr(strategy_rows[r], "warmup", 0):
             rows[r] = [c for c in rows[r] if c == -1]
-    # an exact strategy with no cut (unbeatable, all K traces) gives the uncut vote itself: its EM drop is 0 by
-    # construction, so it needs no certificate and, like row 0's "no cut", is always a candidate (it still
-    # saves the traces that could no longer change the vote)
-    exact = [r for r in rows if r and strategy_rows[r].exact and strategy_rows[r].traces == trace_options[0]]
+    # an exact strategy with no cut (unbeatable, all K traces, row 0's weighting) gives the uncut vote itself:
+    # its EM drop is 0 by construction, so it needs no certificate and, like row 0's "no cut", is always a
+    # candidate (it still saves the traces that could no longer change the vote)
+    exact = [r for r in rows if r and strategy_rows[r].same_vote_as(strategy_rows[0])]
     row_now, index_now = in_force
     if guard is not None:  # step back: only the candidates of the row in force below the value in force
         below = [c for c in rows.get(row_now, []) if c < index_now]

@@ -424,7 +424,7 @@ class Policy:
             traces = strategy.traces
         # the user-report guard compares answers served with a cut to uncut ones: an exact strategy's
         # answer (all K traces, or unbeatable with no threshold) is the uncut answer
-        exact = threshold is None and strategy.exact and strategy.traces == cfg.traces
+        exact = threshold is None and strategy.same_vote_as(cfg.strategy_rows[0])
         sliced = "cut" if kind == "policy" and not exact else "uncut"
         for bucket in warm:
             bucket.warmup_planned.append(request_id)

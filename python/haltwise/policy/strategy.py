@@ -88,6 +88,12 @@ class Strategy:
         can no longer be overturned)."""
         return self.consensus in (None, "unbeatable") and not self.warmup
 
+    def same_vote_as(self, base: "Strategy") -> bool:
+        """Its answer is always `base`'s uncut answer on the same traces: both
+        exact, with the same traces and the same vote weighting (a confidence-
+        weighted vote can differ from the majority on the same traces)."""
+        return self.exact and base.exact and self.traces == base.traces and self.weighting == base.weighting
+
     def waves(self) -> list[range]:
         """The traces in the order they start: the warm-up alone, then waves."""
         K, w = self.traces, self.warmup
