@@ -64,3 +64,31 @@ def test_class_arguments_are_checked():
         PolicyConfig(classes=(("x", 0.1, None), ("x", 0.2, None)))
     plan = policy.plan(2, request_class="critical")  # default classes: critical never cuts
     assert plan.threshold is None and plan.traces == K and plan.epsilon == 0.0
+
+
+def test_a_class_tests_on_its_own_evidence_window(tmp_path):
+    """A tighter class needs more labels before its test can certify anything
+    (its min_evidence), so its evidence window is at least that
+    (PolicyConfig.for_class). Its test must use that window, not the base
+    one: with the base window of 30 the class (min_evidence 44) could never
+    certify even on traffic no cut can harm; with its own it certifies, and a
+    restart rebuilds the same window."""
+    cfg = PolicyConfig(**{**BASE, "evidence_window": 30, "epsilon": 0.3}, classes=(("t", 0.1, None),))
+    own = cfg.for_class("t")
+    assert own.min_evidence > cfg.evidence_window and own.evidence_window == own.min_evidence
+    db = tmp_path / "policy.db"
+    policy = Policy(cfg, db=db)
+    rng = np.random.default_rng(2)
+    plans = []
+    for rid in range(400):
+        plan = policy.plan(rid, request_class="t")
+        plans.append(plan)
+        policy.observe(rid, _request(rng, False, plan.traces)[: plan.traces])
+        policy.feedback(rid, True, reference=7)
+    assert any(p.kind == "policy" and p.threshold is not None for p in plans[-50:]), "the class never cut"
+    window = policy._window("@t")
+    assert len(window) == own.evidence_window
+    policy.close()
+    again = Policy.open(db)
+    assert [e.seq for e in again._window("@t")] == [e.seq for e in window]
+    again.close()

@@ -263,7 +263,7 @@ class Policy:
             self._evidence[name] = {}
             if not bucket.frozen:
                 continue
-            for rid in self.store.evidence_window(name, cfg.evidence_window):
+            for rid in self.store.evidence_window(name, self._cfg(name).evidence_window):
                 row = self.store.request(rid)
                 if rid not in profiles_cache:
                     profiles_cache[rid] = self._profiles_from_rows(self.store.traces(rid))
@@ -698,7 +698,7 @@ class Policy:
 
     def _prune(self, name: str) -> None:
         entries = self._evidence[name]
-        limit = self.config.evidence_window
+        limit = self._cfg(name).evidence_window  # a class's window is at least its min_evidence
         if len(entries) > 2 * limit:
             keep = sorted(entries, key=lambda rid: entries[rid].seq)[-limit:]
             self._evidence[name] = {rid: entries[rid] for rid in keep}
@@ -861,7 +861,7 @@ class Policy:
     def _window(self, name: str) -> list[_Evidence]:
         entries = self._evidence.get(name, {})
         ordered = sorted(entries.values(), key=lambda e: e.seq)
-        return ordered[-self.config.evidence_window:]
+        return ordered[-self._cfg(name).evidence_window:]
 
     def _stats(self, bucket: BucketState) -> "_WindowStats":
         window = self._window(bucket.name)
@@ -1032,7 +1032,7 @@ class Policy:
             self.store.add_audit(self._seq, bucket.name, "overload_target",
                                  {"traces": old[0], "threshold": bucket.threshold_of(old[1])},
                                  {"traces": traces, "threshold": bucket.threshold_of(index)},
-                                 {"n": n, "test": test, "epsilon_overload": self.config.epsilon_overload,
+                                 {"n": n, "test": test, "epsilon_overload": self._cfg(bucket.name).epsilon_overload,
                                   "certified": len(certified),
                                   "strategy": self._cfg(bucket.name).strategy_rows[row].name},
                                  "certified overload target (fewest tokens among the certified chains)")
