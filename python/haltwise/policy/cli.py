@@ -1,5 +1,6 @@
-"""`haltwise policy show DB` and `haltwise replay`: thin shells over
-Policy.report and policy.replay.run_replay.
+"""`haltwise policy show DB`, `haltwise policy prune DB`, `haltwise policy
+simulate` and `haltwise replay`: thin shells over Policy.report,
+Policy.prune, policy.simulate and policy.replay.run_replay.
 
 Hook into the main parser with :func:`add_policy_subcommands`; every
 subcommand sets ``args.handler`` (a function of the parsed args returning the
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def add_policy_subcommands(subparsers) -> None:
-    """Adds ``policy`` (with ``show``) and ``replay`` to an argparse subparsers object."""
+    """Adds ``policy`` (``show``, ``prune``, ``simulate``) and ``replay`` to an argparse subparsers object."""
     policy = subparsers.add_parser("policy", help="inspect a policy database")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     show = policy_sub.add_parser("show", help="current thresholds per bucket and the last changes")
@@ -27,6 +28,13 @@ def add_policy_subcommands(subparsers) -> None:
     show.add_argument("--last", type=int, default=10, help="how many audit entries to print (default 10)")
     show.add_argument("--json", action="store_true", help="print the report as JSON")
     show.set_defaults(handler=_show)
+    prune = policy_sub.add_parser("prune", help="bound the database: drop the rows of old finished requests that "
+                                                "no decision, restart or pending call needs (Policy.prune)")
+    prune.add_argument("db", metavar="DB", help="the policy's SQLite file")
+    prune.add_argument("--keep-last", type=int, required=True, metavar="N",
+                       help="keep every request planned in the last N (labels for older ones are then refused)")
+    prune.add_argument("--vacuum", action="store_true", help="then VACUUM: give the freed pages back to the disk")
+    prune.set_defaults(handler=_prune)
     sim = policy_sub.add_parser("simulate", help="probability of ever certifying a candidate over budget, by "
                                                  "simulation of the re-test schedule on boundary settings")
     sim.add_argument("--json", metavar="FILE", help="write the report as JSON")
@@ -173,6 +181,30 @@ def _show(args) -> int:
         print(json.dumps(report, indent=2, default=json_default))
     else:
         print(format_show(report))
+    return 0
+
+
+def _prune(args) -> int:
+    from .policy import Policy
+    from .store import PolicyDatabaseError
+
+    if not Path(args.db).is_file():
+        raise CliError(f"haltwise policy prune: DB {args.db} does not exist")
+    if args.keep_last < 0:
+        raise CliError(f"--keep-last must be >= 0, got {args.keep_last}")
+    size = Path(args.db).stat().st_size
+    try:
+        policy = Policy.open(args.db)
+    except PolicyDatabaseError as e:
+        raise CliError(str(e)) from None
+    try:
+        deleted = policy.prune(keep_last=args.keep_last)
+        if args.vacuum:
+            policy.store.vacuum()
+    finally:
+        policy.close()
+    print(f"deleted {deleted['requests']} requests, {deleted['traces']} traces, {deleted['evidence']} evidence rows; "
+          f"{args.db}: {size} -> {Path(args.db).stat().st_size} bytes")
     return 0
 
 

@@ -531,10 +531,17 @@ class Policy:
                 self._check_observe(request_id, row, outcomes)
                 return self._observe(row, outcomes)
 
-    @staticmethod
-    def _check_observe(request_id: int, row: dict | None, outcomes: list[TraceOutcome]) -> None:
+    def _unknown(self, call: str, request_id: int) -> str:
+        """The error for a request id the database does not hold."""
+        pruned = int(self.store.get_meta("pruned_before", 0))
+        if pruned:
+            return (f"{call}: request_id {request_id} is unknown: never planned, or pruned (prune() dropped the "
+                    f"finished requests planned before request number {pruned})")
+        return f"{call}: request_id {request_id} was never planned"
+
+    def _check_observe(self, request_id: int, row: dict | None, outcomes: list[TraceOutcome]) -> None:
         if row is None:
-            raise ValueError(f"observe: request_id {request_id} was never planned")
+            raise ValueError(self._unknown("observe", request_id))
         if row["observed"]:
             raise ValueError(f"observe: request_id {request_id} was already observed")
         if row["cancelled"]:
@@ -768,10 +775,9 @@ class Policy:
                 self._check_feedback(request_id, row, correct, reference)
                 self._feedback(row, correct, source, weight, reference)
 
-    @staticmethod
-    def _check_feedback(request_id: int, row: dict | None, correct: bool, reference: int | None) -> None:
+    def _check_feedback(self, request_id: int, row: dict | None, correct: bool, reference: int | None) -> None:
         if row is None:
-            raise ValueError(f"feedback: request_id {request_id} was never planned")
+            raise ValueError(self._unknown("feedback", request_id))
         if reference is not None and row["observed"]:
             served = row["served_answer"]
             if (served is not None and served == reference) != correct:
@@ -855,6 +861,38 @@ class Policy:
                         bucket.warmup_planned.remove(request_id)
                         self._persist(bucket)
             return True
+
+    # ---- retention --------------------------------------------------------------------
+
+    def prune(self, *, keep_last: int) -> dict[str, int]:
+        """Bounds the database: deletes the request, trace and evidence rows
+        that no decision, restart or pending call can need any more -- those
+        of the requests planned more than `keep_last` requests ago that were
+        observed or cancelled and are in no bucket's evidence window.
+
+        Kept: every request still waiting for observe(), the control requests
+        of every bucket's evidence window (what a restart rebuilds the tests
+        from), bucket states, feedback and audit rows. The decision state is
+        unchanged (state() before and after are equal, and so is a restart's).
+        A label or report for a pruned request is refused with a ValueError,
+        so choose keep_last beyond the latest a label can arrive. Request ids
+        must stay unique over the policy's life; a pruned id can no longer be
+        checked against a later plan(). SQLite reuses the freed pages, so the
+        file stops growing (VACUUM shrinks it). Returns the rows deleted per
+        table."""
+        keep_last = check_int("prune", "keep_last", keep_last, 0)
+        with self._lock:
+            with self._write():
+                keep: set[int] = set()
+                for name, bucket in self._buckets.items():
+                    if bucket.frozen:
+                        keep.update(self.store.evidence_window(name, self._cfg(name).evidence_window))
+                before = self._seq - keep_last
+                deleted = self.store.prune(before, keep)
+                if before > int(self.store.get_meta("pruned_before", 0)):
+                    self.store.set_meta("pruned_before", before)
+                self._load()  # exactly what a restart would rebuild from the rows that are left
+            return deleted
 
     # ---- the test ---------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -326,6 +326,41 @@ class Store:
 
     def evidence_buckets(self, request_id: int) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT bucket FROM evidence WHERE request_id = ?", (request_id,))]
+
+    # ---- retention ----------------------------------------------------------------------
+
+    def prune(self, before_seq: int, keep: Iterable[int]) -> dict[str, int]:
+        """Deletes the request, trace and evidence rows of the finished requests
+        (observed or cancelled) planned before `before_seq` (plan order), except
+        the request ids in `keep`. Feedback and audit rows stay: they are the
+        append-only record. Returns the rows deleted per table."""
+        conn = self.conn
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS prune_keep (request_id INTEGER PRIMARY KEY)")
+        conn.execute("DELETE FROM prune_keep")
+        conn.executemany("INSERT OR IGNORE INTO prune_keep(request_id) VALUES(?)", ((int(r),) for r in keep))
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS prune_doomed (request_id INTEGER PRIMARY KEY)")
+        conn.execute("DELETE FROM prune_doomed")
+        conn.execute("INSERT INTO prune_doomed(request_id) SELECT request_id FROM requests WHERE seq < ? AND "
+                     "(observed = 1 OR cancelled = 1) AND request_id NOT IN (SELECT request_id FROM prune_keep)",
+                     (int(before_seq),))
+        deleted = {table: conn.execute(f"DELETE FROM {table} WHERE request_id IN "
+                                       f"(SELECT request_id FROM prune_doomed)").rowcount
+                   for table in ("traces", "evidence", "requests")}
+        conn.execute("DELETE FROM prune_keep")
+        conn.execute("DELETE FROM prune_doomed")
+        return deleted
+
+    def vacuum(self) -> None:
+        """Gives the pages freed by prune back to the disk (outside any transaction)."""
+        if self.readonly:
+            raise PolicyDatabaseError(f"policy database {self.path} is open read-only; VACUUM writes")
+        self.conn.execute("VACUUM")
+
+    def count(self, table: str) -> int:
+        """Rows in one of TABLES."""
+        if table not in TABLES:
+            raise ValueError(f"count: table must be one of {TABLES}, got {table!r}")
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
     # ---- feedback and audit -------------------------------------------------------------
 
