@@ -886,12 +886,16 @@ class Policy:
                 keep: set[int] = set()
                 for name, bucket in self._buckets.items():
                     if bucket.frozen:
-                        keep.update(self.store.evidence_window(name, self._cfg(name).evidence_window))
+                        limit = self._cfg(name).evidence_window
+                        keep.update(self.store.evidence_window(name, limit))  # what a restart rebuilds
+                        entries = self._evidence.get(name, {})  # what this process tests on
+                        keep.update(sorted(entries, key=lambda rid: entries[rid].seq)[-limit:])
                 before = self._seq - keep_last
                 deleted = self.store.prune(before, keep)
                 if before > int(self.store.get_meta("pruned_before", 0)):
                     self.store.set_meta("pruned_before", before)
-                self._load()  # exactly what a restart would rebuild from the rows that are left
+                # memory needs no change: an entry whose rows went is older than its bucket's window, never used
+                # again, and dropped by the next trim
             return deleted
 
     # ---- the test ---------------------------------------------------------------------
