@@ -261,3 +261,34 @@ def test_per_request_queries_use_an_index_and_old_files_gain_it(tmp_path):
     names = {row[0] for row in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     store.close()
     assert "evidence_request" in names
+
+
+def test_a_restart_rebuilds_the_same_window_when_some_controls_cannot_be_replayed(tmp_path):
+    """A control request whose traces did not all end on their own (one ran
+    out of memory) cannot be replayed, so it never enters a bucket's window.
+    A restart must rebuild the same window as the process that ran: were its
+    evidence row kept, the rebuilt window (the last rows by count) would hold
+    fewer replayable requests than the window in memory."""
+    cfg = PolicyConfig(epsilon=0.2, epsilon_overload=0.3, traces=4, warmup_requests=2, min_evidence=15,
+                       evidence_window=20, control_boost=1.0, control_fraction=1.0, grid_size=6, evaluate_every=2,
+                       window=4, min_new_tokens=2, strategies=())
+    db = tmp_path / "p.db"
+    policy = Policy(cfg, db=db)
+    rng = np.random.default_rng(5)
+    broken = 0
+    for rid in range(80):
+        plan = policy.plan(rid)
+        oom = plan.kind == "control" and rid % 7 == 0
+        broken += oom
+        traces = [TraceOutcome(answer=7, num_tokens=10, signal=rng.normal(-0.3, 0.1, 10).astype(np.float32),
+                               reason=int(StopReason.OUT_OF_MEMORY if (oom and k == 0) else StopReason.EOS))
+                  for k in range(plan.traces)]
+        policy.observe(rid, traces)
+        policy.feedback(rid, True, reference=7)
+    assert broken >= 5
+    running = policy.state()
+    assert len(running["evidence"][""]) == cfg.evidence_window
+    policy.close()
+    again = Policy.open(db)
+    assert again.state() == running
+    again.close()

@@ -646,6 +646,8 @@ class Policy:
                         bucket.warmup_planned, bucket.warmup_observed, bucket.warmup_lowests = [], [], []
         # control evidence
         if keep_signals:
+            if not replayable:  # never in a window: drop its rows so a restart's window is the one in memory
+                self.store.remove_evidence(rid)
             for name in self.store.evidence_buckets(rid):
                 bucket = self._buckets[name]
                 if not replayable or not bucket.frozen:

@@ -324,6 +324,10 @@ class Store:
             (bucket, limit)).fetchall()
         return [r[0] for r in reversed(rows)]
 
+    def remove_evidence(self, request_id: int) -> None:
+        """The request counts for no bucket's test (its traces cannot be replayed)."""
+        self.conn.execute("DELETE FROM evidence WHERE request_id = ?", (request_id,))
+
     def evidence_buckets(self, request_id: int) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT bucket FROM evidence WHERE request_id = ?", (request_id,))]
 
