@@ -110,4 +110,4 @@ def test_the_prune_command(tmp_path, capsys):
                          (["policy", "prune", str(db), "--keep-last", "-1"], "--keep-last must be >= 0")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and needle in err, err
+        assert len(err.splitlines()) == 1 and needle in err and err.count("haltwise policy prune:") == 1, err

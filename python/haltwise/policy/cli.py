@@ -162,17 +162,22 @@ def format_show(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _show(args) -> int:
+def _open_policy(db: str, *, readonly: bool):
+    """Policy.open(db) for a command: a missing or foreign file is one CliError line."""
     from .policy import Policy
     from .store import PolicyDatabaseError
 
-    if not Path(args.db).exists():
-        print(f"haltwise policy show: DB {args.db} does not exist", file=sys.stderr)
-        return 2
-    try:  # read-only: never writes, works on a read-only file and while the serving process writes
-        policy = Policy.open(args.db, readonly=True)
+    if not Path(db).exists():
+        raise CliError(f"DB {db} does not exist")
+    try:
+        return Policy.open(db, readonly=readonly)
     except PolicyDatabaseError as e:
         raise CliError(str(e)) from None
+
+
+def _show(args) -> int:
+    # read-only: never writes, works on a read-only file and while the serving process writes
+    policy = _open_policy(args.db, readonly=True)
     try:
         report = policy.report(last_changes=args.last)
     finally:
@@ -185,18 +190,10 @@ def _show(args) -> int:
 
 
 def _prune(args) -> int:
-    from .policy import Policy
-    from .store import PolicyDatabaseError
-
-    if not Path(args.db).is_file():
-        raise CliError(f"haltwise policy prune: DB {args.db} does not exist")
     if args.keep_last < 0:
         raise CliError(f"--keep-last must be >= 0, got {args.keep_last}")
+    policy = _open_policy(args.db, readonly=False)
     size = Path(args.db).stat().st_size
-    try:
-        policy = Policy.open(args.db)
-    except PolicyDatabaseError as e:
-        raise CliError(str(e)) from None
     try:
         deleted = policy.prune(keep_last=args.keep_last)
         if args.vacuum:

@@ -707,10 +707,8 @@ class Policy:
 
     def _prune(self, name: str) -> None:
         entries = self._evidence[name]
-        limit = self._cfg(name).evidence_window  # a class's window is at least its min_evidence
-        if len(entries) > 2 * limit:
-            keep = sorted(entries, key=lambda rid: entries[rid].seq)[-limit:]
-            self._evidence[name] = {rid: entries[rid] for rid in keep}
+        if len(entries) > 2 * self._cfg(name).evidence_window:
+            self._evidence[name] = {rid: entries[rid] for rid in self._window_ids(name)}
 
     # ---- labels -----------------------------------------------------------------------
 
@@ -888,10 +886,9 @@ class Policy:
                 keep: set[int] = set()
                 for name, bucket in self._buckets.items():
                     if bucket.frozen:
-                        limit = self._cfg(name).evidence_window
-                        keep.update(self.store.evidence_window(name, limit))  # what a restart rebuilds
-                        entries = self._evidence.get(name, {})  # what this process tests on
-                        keep.update(sorted(entries, key=lambda rid: entries[rid].seq)[-limit:])
+                        # what a restart rebuilds, and what this process tests on
+                        keep.update(self.store.evidence_window(name, self._cfg(name).evidence_window))
+                        keep.update(self._window_ids(name))
                 before = self._seq - keep_last
                 deleted = self.store.prune(before, keep)
                 if before > int(self.store.get_meta("pruned_before", 0)):
@@ -902,10 +899,16 @@ class Policy:
 
     # ---- the test ---------------------------------------------------------------------
 
+    def _window_ids(self, name: str) -> list[int]:
+        """The bucket's evidence window: its most recent control requests in plan
+        order, at most its config's evidence_window (a class's is at least its
+        min_evidence)."""
+        entries = self._evidence.get(name, {})
+        return sorted(entries, key=lambda rid: entries[rid].seq)[-self._cfg(name).evidence_window:]
+
     def _window(self, name: str) -> list[_Evidence]:
         entries = self._evidence.get(name, {})
-        ordered = sorted(entries.values(), key=lambda e: e.seq)
-        return ordered[-self._cfg(name).evidence_window:]
+        return [entries[rid] for rid in self._window_ids(name)]
 
     def _stats(self, bucket: BucketState) -> "_WindowStats":
         window = self._window(bucket.name)
